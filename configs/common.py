@@ -97,6 +97,7 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.optim.eps = 1e-6
   c.optim.weight_decay = 0.01
   c.optim.decay_1d = True            # decay biases/norms too (fairseq Adam does)
+  c.optim.no_decay = ()              # substrings of parameter paths never decayed
   c.optim.clip = 0.0                 # global-norm clip; 0 = off
   c.optim.schedule = "cosine"        # cosine | tri_stage | constant
   c.optim.warmup_steps = 1000
@@ -108,6 +109,8 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.guards.min_target_var = 0.0      # collapse check (fairseq: 0.1 after 5000 updates)
   c.guards.min_pred_var = 0.0
   c.guards.collapse_after = 5000
+  c.guards.collapse_policy = "stop"  # stop | warn
+  c.guards.max_nonfinite = 10        # consecutive skipped (non-finite) steps before stopping
 
   c.data = ml_collections.ConfigDict()
   return c

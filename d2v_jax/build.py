@@ -1,0 +1,103 @@
+"""From a resolved config to everything a step needs: model, optimizer, mesh, shardings,
+the sharded init and the jitted step. Shared by train, compile, bench and tests so they all
+build exactly the same program."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d2v_jax import config as config_lib, ema, optim, sharding, step as step_lib
+from d2v_jax.modality import load as load_modality
+from d2v_jax.models import data2vec
+from d2v_jax.state import TrainState
+
+
+@dataclasses.dataclass
+class Built:
+  cfg: Any
+  modality: Any
+  model: Any
+  tx: Any
+  lr_fn: Callable
+  mesh: jax.sharding.Mesh
+  abstract_state: TrainState
+  state_shardings: TrainState
+  batch_shardings: dict
+  init: Callable            # init(seed:int) -> sharded TrainState
+  step: Callable            # jitted step(state, batch) -> (state, metrics)
+  step_fn: Callable         # the un-jitted pure step
+
+
+def build(cfg, *, mesh=None, devices=None) -> Built:
+  """cfg must be resolved (modality prepare() already ran, e.g. vocab_size set)."""
+  config_lib.validate(cfg)
+  mod = load_modality(cfg.modality)
+  mod.data.validate(cfg)
+  model = data2vec.build(cfg, mod.model.build(cfg))
+  tx, lr_fn = optim.make(cfg.optim, cfg.total_steps)
+  mesh = mesh or sharding.make_mesh(cfg.mesh, devices)
+  init_batch = jax.tree_util.tree_map(jnp.asarray, mod.data.example_batch(cfg, 1))
+
+  def init_boxed(rng):
+    k_params, k_drop, k_state = jax.random.split(rng, 3)
+    variables = model.init({"params": k_params, "dropout": k_drop}, init_batch, student=True,
+                           deterministic=True)
+    params = variables["params"]
+    teacher = ema.teacher_view(params, cfg.teacher.ema_subtrees)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      teacher=jax.tree_util.tree_map(lambda x: x, teacher),
+                      opt_state=tx.init(params), rng=k_state)
+
+  rng0 = jax.random.PRNGKey(0)
+  with nn.logical_axis_rules(sharding.RULES):
+    boxed = jax.eval_shape(init_boxed, rng0)
+    state_sh = sharding.shardings_for(boxed, mesh)
+  abstract = nn.meta.unbox(boxed)
+
+  def init_unboxed(rng):
+    with nn.logical_axis_rules(sharding.RULES):
+      return nn.meta.unbox(init_boxed(rng))
+
+  init_jit = jax.jit(init_unboxed, out_shardings=state_sh)
+
+  def init(seed: int) -> TrainState:
+    with jax.set_mesh(mesh):
+      return init_jit(jax.random.PRNGKey(seed))
+
+  example = mod.data.example_batch(cfg, max(cfg.batch_size, 1))
+  batch_sh = jax.tree_util.tree_map(lambda _: sharding.batch_sharding(mesh), example)
+  fn = step_lib.bind(model, tx, lr_fn, cfg)
+  jitted = step_lib.jit_step(fn, mesh, state_sh, batch_sh, sharding.RULES)
+
+  def run_step(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  run_step.lower = lambda *a: _lower(jitted, mesh, *a)
+  return Built(cfg=cfg, modality=mod, model=model, tx=tx, lr_fn=lr_fn, mesh=mesh,
+               abstract_state=abstract, state_shardings=state_sh, batch_shardings=batch_sh,
+               init=init, step=run_step, step_fn=fn)
+
+
+def _lower(jitted, mesh, *args):
+  with jax.set_mesh(mesh):
+    return jitted.lower(*args)
+
+
+def abstract_batch(cfg, modality, batch_shardings) -> dict:
+  """ShapeDtypeStructs of one global batch (for AOT lowering)."""
+  ex = modality.data.example_batch(cfg, cfg.batch_size)
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
+                                ex, batch_shardings)
+
+
+def to_global(local_batch: dict, batch_shardings: dict) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, batch_shardings)

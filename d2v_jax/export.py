@@ -1,0 +1,100 @@
+"""Run directory -> Hugging Face directory.
+
+  python -m d2v_jax.export --workdir RUN_DIR --out HF_DIR [--weights student|teacher] [--step N]
+
+Restores the checkpoint on one CPU device (whatever mesh it was written on) and calls the
+modality's map (d2v_jax/hf/<modality>.py). Default weights: the student, as the official
+fairseq/data2vec_vision -> HF conversions did; `--weights teacher` exports the EMA teacher
+(its EMA subtrees, plus the student's shared ones, e.g. text embeddings). The resolved
+training config travels with the export (d2v_config.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+MARKER = "d2v_export.json"
+
+
+class ExportError(ValueError):
+  pass
+
+
+def check_out_dir(out: str, workdir: str, overwrite: bool) -> None:
+  """Refuses to write into a directory holding something else (another model, other files)."""
+  if not os.path.isdir(out) or not os.listdir(out) or overwrite:
+    return
+  marker = os.path.join(out, MARKER)
+  if os.path.exists(marker):
+    with open(marker) as f:
+      prev = json.load(f)
+    if prev.get("workdir") == os.path.abspath(workdir):
+      return  # re-exporting the same run is an update, not a clobber
+    raise ExportError(f"{out} already holds an export of {prev.get('workdir')}; "
+                      f"pass --overwrite to replace it or choose another --out")
+  raise ExportError(f"{out} is not empty and was not written by d2v_jax.export; "
+                    f"pass --overwrite to replace its model files or choose another --out")
+
+
+def restore_params(workdir: str, weights: str = "student", step: int | None = None):
+  """(params tree on host, resolved cfg, step) of a run, restored on a single device."""
+  import jax
+
+  from d2v_jax import build as build_lib, checkpoint, config as config_lib, ema
+
+  step, meta = checkpoint.read_meta(workdir, step)
+  cfg = config_lib.from_dict(meta["config"])
+  cfg.mesh.update(dict(data=-1, fsdp=1, tensor=1))  # whatever it was trained on: one device here
+  built = build_lib.build(cfg, devices=jax.devices()[:1])
+  mngr = checkpoint.manager(workdir, async_save=False)
+  try:
+    state, _ = checkpoint.restore(mngr, built.abstract_state, built.state_shardings, step)
+  finally:
+    mngr.close()
+  if weights == "student":
+    params = state.params
+  elif weights == "teacher":
+    params = ema.teacher_params(state.params, state.teacher)
+  else:
+    raise ExportError(f"--weights={weights!r}: use student or teacher")
+  return jax.device_get(params), cfg, step, built
+
+
+def export(workdir: str, out: str, weights: str = "student", step: int | None = None,
+           overwrite: bool = False) -> str:
+  from d2v_jax.hf.common import write_json
+
+  check_out_dir(out, workdir, overwrite)
+  params, cfg, step, built = restore_params(workdir, weights, step)
+  os.makedirs(out, exist_ok=True)
+  built.modality.hf().export(params, cfg, out, workdir)
+  write_json({"workdir": os.path.abspath(workdir), "step": step, "weights": weights,
+              "modality": cfg.modality}, os.path.join(out, MARKER))
+  return out
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True, help="run directory written by d2v_jax.train")
+  p.add_argument("--out", required=True, help="HF directory to write")
+  p.add_argument("--weights", default="student", choices=("student", "teacher"),
+                 help="student (default, as the official HF conversions) or the EMA teacher")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+  a = p.parse_args(argv)
+  from d2v_jax.checkpoint import NoCheckpoint
+  try:
+    out = export(a.workdir, a.out, a.weights, a.step, a.overwrite)
+  except (ExportError, NoCheckpoint) as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2)
+  print(f"exported {a.weights} weights of {a.workdir} to {os.path.abspath(out)}")
+
+
+if __name__ == "__main__":
+  main()

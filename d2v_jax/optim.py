@@ -1,0 +1,52 @@
+"""optax factory: Adam(W) with warmup + cosine / tri-stage / constant, clipping, decay masks."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def schedule(o, total_steps: int) -> optax.Schedule:
+  peak = o.lr
+  if o.schedule == "cosine":
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=peak * o.init_lr_scale, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=peak * o.final_lr_scale)
+  if o.schedule == "tri_stage":
+    # fairseq tri_stage: linear warmup, hold, exponential decay to final_lr_scale * lr.
+    w, h, d = (int(r * total_steps) for r in o.stage_ratios)
+    final = max(o.final_lr_scale, 1e-8)
+    return optax.join_schedules(
+        [optax.linear_schedule(peak * o.init_lr_scale, peak, max(w, 1)),
+         optax.constant_schedule(peak),
+         optax.exponential_decay(peak, max(d, 1), final, end_value=peak * final)],
+        boundaries=[max(w, 1), max(w, 1) + h])
+  if o.schedule == "constant":
+    return optax.constant_schedule(peak)
+  raise ValueError(f"optim.schedule={o.schedule!r}: use cosine, tri_stage or constant")
+
+
+def decay_mask(o):
+  """Which leaves get weight decay: all (fairseq Adam) or only >= 2-D weights minus names in
+  optim.no_decay (BEiT/timm: no decay on biases, norms, cls/mask tokens, rel-pos tables)."""
+  no_decay = tuple(o.get("no_decay", ()))
+
+  def mask(params):
+    def keep(path, x):
+      name = jax.tree_util.keystr(path)
+      if any(n in name for n in no_decay):
+        return False
+      return True if o.decay_1d else x.ndim >= 2
+    return jax.tree_util.tree_map_with_path(keep, params)
+  return mask
+
+
+def make(o, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  lr = schedule(o, total_steps)
+  chain = []
+  if o.clip > 0:
+    chain.append(optax.clip_by_global_norm(o.clip))
+  chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                           mask=decay_mask(o)))
+  return optax.chain(*chain), lr

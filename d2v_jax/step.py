@@ -1,0 +1,91 @@
+"""The train step: teacher targets, student loss, optax update, EMA update, metrics.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function; model, optimizer and
+config are bound with functools.partial. `jit_step` returns it compiled with explicit
+shardings and the state donated; the trainer and the AOT compiler both use it, so they
+compile exactly the same program.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from d2v_jax import ema, targets as T
+from d2v_jax.state import TrainState
+
+
+def _global_norm(tree) -> jax.Array:
+  return optax.global_norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
+
+
+def teacher_targets(model, params, teacher, batch, cfg):
+  """Targets [B, T', D] from the teacher on the unmasked input (no dropout, no gradient)."""
+  n_extra = model.embed.num_extra_tokens
+  out = model.apply({"params": ema.teacher_params(params, teacher)}, batch, student=False,
+                    deterministic=True)
+  valid = out["valid"]
+  valid = None if valid is None else valid[:, n_extra:]
+  y = T.targets_from_config(out["layers"][:, :, n_extra:], valid, cfg.target)
+  return jax.lax.stop_gradient(y), valid
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
+  n_extra = model.embed.num_extra_tokens
+  mask = batch["mask"]
+  y, _ = teacher_targets(model, state.params, state.teacher, batch, cfg)
+  step_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    out = model.apply({"params": params}, batch, student=True, deterministic=False,
+                      rngs={"dropout": step_rng})
+    pred = out["pred"][:, n_extra:]
+    loss, n = T.regression_loss(pred, y, mask, beta=cfg.loss.beta, scale=cfg.loss.scale,
+                                reduce_dims=cfg.loss.reduce_dims)
+    return loss, (pred, n)
+
+  (loss, (pred, n_masked)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = _global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  tau = ema.tau_from_config(state.step, cfg.teacher)
+  teacher = ema.ema_update(state.teacher, ema.teacher_view(params, state.teacher.keys()), tau)
+
+  # A non-finite loss or gradient skips the update: params, teacher and optimizer state stay.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params), teacher=keep(teacher, state.teacher),
+      opt_state=keep(opt_state, state.opt_state))
+  metrics = {
+      "loss": loss,
+      "lr": lr_fn(state.step),
+      "tau": tau,
+      "grad_norm": grad_norm,
+      "param_norm": _global_norm(new_state.params),
+      "target_var": T.masked_std_mean(y, mask),
+      "pred_var": T.masked_std_mean(pred, mask),
+      "masked_frac": n_masked / mask.size,
+      "nonfinite": 1 - finite.astype(jnp.int32),
+  }
+  return new_state, metrics
+
+
+def bind(model, tx, lr_fn, cfg):
+  return functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, cfg=cfg)
+
+
+def jit_step(step_fn, mesh, state_shardings, batch_shardings, rules):
+  """The compiled step with explicit in/out shardings; state (argument 0) is donated."""
+  metric_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def wrapped(state, batch):
+    with nn.logical_axis_rules(rules):
+      return step_fn(state, batch)
+
+  return jax.jit(wrapped, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, metric_sh), donate_argnums=(0,))
