@@ -60,6 +60,24 @@ def read(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class Window:
+  """Mean of each metric over the steps since the last log (what the log line shows); the
+  non-finite counter is summed instead, so a skipped step is never averaged away."""
+
+  def __init__(self):
+    self.sums, self.n = {}, 0
+
+  def add(self, m: dict) -> None:
+    for k, v in m.items():
+      self.sums[k] = self.sums.get(k, 0.0) + v
+    self.n += 1
+
+  def mean(self) -> dict:
+    out = {k: (v if k == "nonfinite" else v / max(self.n, 1)) for k, v in self.sums.items()}
+    self.sums, self.n = {}, 0
+    return out
+
+
 class Throughput:
   """Examples/s and tokens/s over the window since the last call, and an ETA."""
 

@@ -105,16 +105,21 @@ def run(cfg, workdir: str) -> dict:
 
   last, pending, step, stop_msg = {}, None, start, None
 
+  window = metrics_lib.Window()
+
   def flush(pending):
-    """Fetches the previous step's metrics (one step late, so the host never stalls)."""
+    """Fetches the previous step's metrics (one step late, so the host never stalls) and
+    logs their mean over the last log_every steps."""
     s, m, positions = pending
     m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
     stop = guards.check(s, m)
+    window.add(m)
     if s % cfg.log_every == 0 or s == cfg.total_steps or stop:
-      m.update(clock.tick(s, cfg.batch_size, cfg.batch_size * positions))
-      writer.write(s, m)
+      logged = window.mean()
+      logged.update(clock.tick(s, cfg.batch_size, cfg.batch_size * positions))
+      writer.write(s, logged)
       if pid == 0:
-        print(metrics_lib.progress_line(s, cfg.total_steps, m), flush=True)
+        print(metrics_lib.progress_line(s, cfg.total_steps, logged), flush=True)
     return m, stop
 
   try:

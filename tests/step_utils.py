@@ -1,0 +1,37 @@
+"""Tiny text setups for step / sharding tests (synthetic ids; no files)."""
+
+import jax
+
+from d2v_jax import build as build_lib, config as config_lib
+from d2v_jax.data import text as text_data
+
+
+def tiny_text_config(**overrides):
+  cfg = config_lib.load_file("configs/text.py:variant=tiny")
+  cfg.model.vocab_size = 96
+  cfg.data.path = "synthetic"
+  cfg.data.block_size = 16
+  cfg.batch_size = 8
+  cfg.total_steps = 10
+  cfg.optim.warmup_steps = 2
+  cfg.optim.lr = 1e-3
+  for k, v in overrides.items():
+    node = cfg
+    *head, last = k.split(".")
+    for h in head:
+      node = node[h]
+    node[last] = v
+  return cfg
+
+
+def run_steps(cfg, n: int, devices=None, batch=None):
+  """n steps from init(seed) on `devices`; returns (state on host, per-step metrics)."""
+  built = build_lib.build(cfg, devices=devices)
+  state = built.init(cfg.seed)
+  batch = batch or text_data.example_batch(cfg, cfg.batch_size)
+  out = []
+  for _ in range(n):
+    state, m = built.step(state, build_lib.to_global(batch, built.batch_shardings))
+    jax.block_until_ready(state)  # ENV.md: one step in flight avoids the CPU rendezvous deadlock
+    out.append({k: float(v) for k, v in jax.device_get(m).items()})
+  return jax.device_get(state), out, built
