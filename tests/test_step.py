@@ -90,3 +90,18 @@ def test_sharded_step_equals_single_device(mesh):
   jax.block_until_ready(out)
   for leaf, want in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(built.state_shardings)):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+
+
+def test_bfloat16_compute_keeps_float32_master_teacher_and_optimizer():
+  cfg = tiny_text_config(dtype="bfloat16")
+  state, ms, built = run_steps(cfg, 2, devices=jax.devices()[:1])
+  assert np.isfinite(ms[-1]["loss"])
+  for tree in (state.params, state.teacher, state.opt_state):
+    for leaf in jax.tree_util.tree_leaves(tree):
+      if np.issubdtype(np.asarray(leaf).dtype, np.floating):
+        assert np.asarray(leaf).dtype == np.float32
+  # The forward really runs in bfloat16.
+  out = built.model.apply({"params": state.params},
+                          jax.tree_util.tree_map(jnp.asarray, text_data.example_batch(cfg, 2)),
+                          student=True)
+  assert out["final"].dtype == jnp.bfloat16
