@@ -16,6 +16,8 @@ A modality `m` (config.modality == "m") is four files, found by name:
                         cfg.batch_size // process_count). Every batch has "mask": bool
                         [B, T - num_extra_tokens], the positions the loss covers. Batch `s` must
                         be a pure function of (cfg, s, process_index): resume = restart at start_step.
+                      tf_dataset(...) (optional, same arguments): the tf.data.Dataset behind
+                        build_dataset, so benchmarks can set its threading options.
                       example_batch(cfg, batch_size) -> one batch of the same structure (shapes/init).
   d2v_jax/hf/m.py     export(params, cfg, out_dir, workdir) -> None: writes an HF directory.
                       load(path, cfg) -> params tree for our model (continued pretraining).
