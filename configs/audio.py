@@ -1,0 +1,133 @@
+"""data2vec-audio on a wav2vec 2.0 encoder (ALGORITHM.md §2.3).
+
+  python -m d2v_jax.train --config configs/audio.py:variant=base --workdir runs/audio_base \
+      --config.data.path=librispeech --config.data.split=train_clean100+train_clean360+train_other500
+  python -m d2v_jax.train --config configs/audio.py:variant=base --workdir runs/audio_base \
+      --config.data.source=files --config.data.path='/data/LibriSpeech/train-*/**/*.flac'
+  python -m d2v_jax.train --config configs/audio.py:variant=tiny,runlocal --workdir runs/audio_local
+
+Arguments after the colon: variant=tiny|base|large, runlocal. `large` only scales the
+encoder (24 x 1024, 16 heads) with the base recipe; its released hyper-parameters were not
+checked (ALGORITHM.md covers base only).
+
+`base` is the released fairseq recipe (examples/data2vec/config/audio/pretraining/
+base_librispeech.yaml): 7-layer conv feature extractor (512 ch, kernels (10,3,3,3,3,2,2),
+strides (5,2,2,2,2,2,2), no bias, LayerNorm + GELU in every layer), 5-layer grouped
+positional conv (kernel 19 = conv_pos 95 // 5, 16 groups), post-LN 12 x 768 encoder with
+layerdrop 0.05; targets = mean of the top 8 FFN outputs, each instance-normalised over time
+(padded frames left out), L2 loss summed over dims x 1/sqrt(768), linear head; EMA
+0.999 -> 0.9999 over 30k updates (only the Transformer + its input LayerNorm; the conv front
+end and positional conv are shared); Adam(0.9, 0.98, eps 1e-6), wd 0.01, lr 5e-4, tri-stage
+3 % / 90 % / 7 % (init and final lr scale 0.01, fairseq's defaults), 400k updates; span masks
+p=0.65, length 10, equal count per batch, min 1 span.
+
+Batch size. fairseq packs max_tokens=3.8M samples per GPU x 16 GPUs = 60.8M samples (63.3 min)
+per update and crops every utterance of a batch to the shortest one (no padding; utterances of
+2 s to 20 s). We use one static shape instead: B = batch_size crops of at most
+data.max_samples = 320,000 samples (20 s, fairseq max_sample_size), right-padded and hidden
+from attention. LibriSpeech-960 utterances average 12.3 s (960 h / 281k), so B = 320 carries
+~320 x 12.3 s = 65.6 min of real audio (~ the fairseq 63.3 min, 63M of the 102.4M padded
+samples: ~38 % of the conv/attention work is padding). data.min_samples = 32,000 (fairseq
+min_sample_size, 2 s) drops short files for source=files; record sources keep every record.
+Lower max_samples (e.g. 250,000) and raise batch_size to trade context for less padding.
+
+`runlocal` trains the tiny model for a few hundred CPU steps on real speech: the Asterisk
+English prompts (Debian asterisk-core-sounds-en-g722, 16 kHz) that `.ci/data/audio.sh`
+decodes to data/audio/prompts/*.wav; 2 s crops, clips under 1 s left out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ml_collections  # noqa: E402
+
+import common  # noqa: E402
+
+SIZES = {
+    # layers, hidden, heads, mlp, conv channels, pos-conv groups
+    "tiny": (2, 64, 2, 256, 64, 16),
+    "base": (12, 768, 12, 3072, 512, 16),
+    "large": (24, 1024, 16, 4096, 512, 16),
+}
+
+LOCAL_AUDIO = "data/audio/prompts/*.wav"  # relative to the repo root; written by .ci/data/audio.sh
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, variant="base", runlocal=False)
+  if args["variant"] not in SIZES:
+    raise ValueError(f"unknown variant {args['variant']!r}; valid: {sorted(SIZES)}")
+  c = common.base_config("audio")
+  layers, hidden, heads, mlp, conv, groups = SIZES[args["variant"]]
+
+  c.model = ml_collections.ConfigDict()
+  c.model.conv_dims = (conv,) * 7
+  c.model.conv_kernels = (10, 3, 3, 3, 3, 2, 2)
+  c.model.conv_strides = (5, 2, 2, 2, 2, 2, 2)   # 320x: 50 frames/s at 16 kHz
+  c.model.conv_bias = False
+  c.model.conv_norm = "layer"        # layer: every conv layer (data2vec) | group: wav2vec2 base | none
+  c.model.feature_dropout = 0.0      # fairseq dropout_input
+  c.model.pos_conv = "data2vec"      # data2vec: depth x (conv, LN, GELU) | wav2vec2: weight-normed k=128
+  c.model.pos_conv_depth = 5
+  c.model.pos_conv_kernel = 19       # fairseq conv_pos 95 // pos_conv_depth 5; wav2vec2: 128
+  c.model.pos_conv_groups = groups
+  c.model.encoder = common.encoder(layers, hidden, heads, mlp, pre_ln=False, input_norm=True,
+                                   layer_norm_eps=1e-5, dropout=0.1, attention_dropout=0.1,
+                                   activation_dropout=0.0, layerdrop=0.05)
+
+  c.teacher.ema_subtrees = ("encoder",)   # conv front end + positional conv are shared
+  common.tau_schedule(c, 0.999, 0.9999, 30_000)
+
+  c.target.top_k = min(8, layers)
+  c.target.layer_output = "ffn"
+  c.target.layer_norm = "instance"
+  c.target.final_norm = "none"
+  c.loss.beta = 0.0
+  c.loss.scale = None                # 1 / sqrt(hidden)
+  c.loss.reduce_dims = "sum"
+  c.head.layers = 1
+
+  c.total_steps = 400_000
+  c.checkpoint_every = 10_000
+  c.batch_size = 320
+  c.optim.update(dict(lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, decay_1d=True,
+                      clip=0.0, schedule="tri_stage", stage_ratios=(0.03, 0.9, 0.07),
+                      init_lr_scale=0.01, final_lr_scale=0.01))
+  c.guards.min_target_var = 0.1      # fairseq: stop when targets / predictions collapse
+  c.guards.min_pred_var = 0.01
+  c.guards.collapse_after = 5000
+
+  c.data.source = "tfds"             # files | tfrecord | tfds
+  c.data.path = "librispeech"        # tfds name / directory, or a glob of audio files / TFRecords
+  c.data.split = "train_clean100+train_clean360+train_other500"
+  c.data.audio_key = "speech"        # tfds LibriSpeech; "audio" is usual in TFRecords
+  c.data.rate_key = "sample_rate"    # optional int64 feature of TFRecords
+  c.data.sample_rate = 16_000
+  c.data.on_bad_rate = "error"       # error | resample
+  c.data.normalize = True            # per-utterance zero mean / unit variance (fairseq normalize)
+  c.data.max_samples = 320_000       # crop length (20 s); shorter utterances are padded
+  c.data.min_samples = 32_000        # shorter files are left out (source=files)
+  c.data.mask_prob = 0.65
+  c.data.span = 10
+  c.data.min_spans = 1
+  c.data.same_count = True           # fairseq require_same_masks
+  c.data.threads = 0                 # tf.data private threadpool size; 0 = TF default
+
+  if args["runlocal"]:
+    common.runlocal(c, steps=300, batch=8)
+    c.data.source = "files"
+    c.data.path = LOCAL_AUDIO
+    c.data.audio_key = "audio"
+    c.data.max_samples = 32_000      # 2 s crops: 99 frames
+    c.data.min_samples = 16_000
+    c.optim.lr = 1e-3
+    c.model.encoder.layerdrop = 0.0
+    c.checkpoint_every = 100
+    common.tau_schedule(c, 0.99, 0.999, 300)
+    c.guards.min_target_var = 0.0
+    c.guards.min_pred_var = 0.0
+  return c
