@@ -37,7 +37,9 @@ def decay_mask(o):
       name = jax.tree_util.keystr(path)
       if any(n in name for n in no_decay):
         return False
-      return True if o.decay_1d else x.ndim >= 2
+      # Scanned blocks carry a leading layer axis: a stacked bias is still a 1-D parameter.
+      ndim = x.ndim - (1 if "['layers']" in name else 0)
+      return True if o.decay_1d else ndim >= 2
     return jax.tree_util.tree_map_with_path(keep, params)
   return mask
 

@@ -36,3 +36,16 @@ def test_teacher_stays_float32_with_bfloat16_student():
   assert new["w"].dtype == jnp.float32
   # 0.9999 * 1 + 0.0001 * 2 = 1.0001 is representable in float32, lost in bfloat16.
   np.testing.assert_allclose(new["w"], 1.0001, rtol=1e-7)
+
+
+def test_weight_decay_mask_sees_through_the_layer_axis():
+  import ml_collections
+  from d2v_jax import optim
+  o = ml_collections.ConfigDict(dict(decay_1d=False, no_decay=("cls",)))
+  params = {"encoder": {"layers": {"block": {"fc1": {"kernel": np.zeros((2, 4, 8)), "bias": np.zeros((2, 8))}}}},
+            "embed": {"cls": np.zeros((1, 1, 4)), "proj": {"kernel": np.zeros((4, 4)), "bias": np.zeros((4,))}}}
+  mask = optim.decay_mask(o)(params)
+  assert mask["encoder"]["layers"]["block"]["fc1"] == {"kernel": True, "bias": False}
+  assert mask["embed"] == {"cls": False, "proj": {"kernel": True, "bias": False}}
+  o.decay_1d = True
+  assert optim.decay_mask(o)(params)["encoder"]["layers"]["block"]["fc1"]["bias"] is True
