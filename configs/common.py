@@ -109,8 +109,14 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.guards.min_target_var = 0.0      # collapse check (fairseq: 0.1 after 5000 updates)
   c.guards.min_pred_var = 0.0
   c.guards.collapse_after = 5000
-  c.guards.collapse_policy = "stop"  # stop | warn
-  c.guards.max_nonfinite = 10        # consecutive skipped (non-finite) steps before stopping
+  c.guards.collapse_policy = "stop"  # warn | stop | rollback (to the last checkpoint before it)
+  c.guards.max_nonfinite = 10        # consecutive skipped (non-finite) steps before the policy
+  c.guards.nonfinite_policy = "stop"  # stop | rollback (restore, data position moves past the bad batches)
+  c.guards.max_rollbacks = 3         # rollbacks in one launch before the run stops instead
+
+  c.init = ml_collections.ConfigDict()
+  c.init.hf = ""                     # HF directory a NEW run starts from (d2v_jax/init.py)
+  c.init.checkpoint = ""             # run directory whose latest student params start a NEW run
 
   c.data = ml_collections.ConfigDict()
   return c

@@ -100,13 +100,13 @@ def _module_to_torch(hf_name: str, sub: dict, kind: str, out: dict) -> None:
     out[f"{hf_name}.{suffix}"] = x.T if transpose else x
 
 
-def to_hf_state(params, cfg, seed: int = 0) -> dict[str, np.ndarray]:
+def to_hf_state(params, cfg, seed: int = 0, pooler: bool = True) -> dict[str, np.ndarray]:
   """Our params (scanned or unscanned layers, boxed or not) -> Data2VecTextModel state dict.
 
-  Names carry no prefix (base model). We never train a pooler, but `Data2VecTextModel` has one
-  (add_pooling_layer=True), so `pooler.dense` is written freshly initialised the way HF would
-  (weight ~ N(0, 0.02) seeded by `seed`, bias 0): AutoModel then loads with no missing weights.
-  Do not read meaning into pooler_output.
+  Names carry no prefix (base model). We never train a pooler; with `pooler=True`
+  `pooler.dense` is added freshly initialised the way HF would (weight ~ N(0, 0.02) seeded by
+  `seed`, bias 0) for consumers that need a complete base-model tree (FlaxRobertaModel with
+  _do_init=False). Do not read meaning into pooler_output.
   """
   params = common.unbox(params)
   out: dict[str, np.ndarray] = {}
@@ -115,6 +115,8 @@ def to_hf_state(params, cfg, seed: int = 0) -> dict[str, np.ndarray]:
   for i, block in enumerate(common.layer_list(params["encoder"])):
     for hf_name, path, kind in BLOCK_MAP:
       _module_to_torch(f"encoder.layer.{i}.{hf_name}", _get(block, path), kind, out)
+  if not pooler:
+    return out
   h = cfg.model.encoder.hidden
   rng = np.random.default_rng(seed)
   out["pooler.dense.weight"] = rng.normal(0.0, 0.02, (h, h)).astype(np.float32)
@@ -170,6 +172,10 @@ def from_hf_state(state: dict, cfg) -> dict:
   """
   _check_representable(cfg)
   state = _strip_prefix(state)
+  deeper = f"encoder.layer.{cfg.model.encoder.num_layers}.attention.self.query.weight"
+  if deeper in state:
+    raise ValueError(f"HF weight {deeper!r} exists: the checkpoint is deeper than "
+                     f"model.encoder.num_layers={cfg.model.encoder.num_layers}")
   for name, want in expected_shapes(cfg).items():
     if name not in state:
       raise ValueError(f"HF state dict lacks {name!r} (expected shape {want}); it does not match "
@@ -243,12 +249,20 @@ def export(params, cfg, out_dir: str, workdir: str) -> None:
   """Writes a Hugging Face directory for our text model.
 
   out_dir/: config.json (Data2VecTextConfig, architectures ["Data2VecTextModel"]),
-  model.safetensors (PyTorch names, float32, freshly initialised pooler: see to_hf_state),
-  the tokenizer files (from cfg.data.tokenizer, else WORKDIR/tokenizer), d2v_config.json (the
-  resolved training config), and flax_model.msgpack: the same weights as a FlaxRobertaModel tree.
+  model.safetensors (PyTorch names, float32, no pooler), the tokenizer files (from
+  cfg.data.tokenizer, else WORKDIR/tokenizer), d2v_config.json (the resolved training config),
+  and flax_model.msgpack: the same weights as a FlaxRobertaModel tree plus a freshly
+  initialised pooler (see to_hf_state).
   `AutoModel.from_pretrained(out_dir)` gives Data2VecTextModel, `FlaxRobertaModel.from_pretrained(
   out_dir)` the Flax copy (it reads the data2vec-text config.json with a model-type warning only;
   the two configs share every field FlaxRoberta reads).
+
+  Why no pooler in model.safetensors: pretraining never trains one, and the head classes that
+  have none (ForMaskedLM, ForCausalLM, ForSequenceClassification, ForTokenClassification,
+  ForQuestionAnswering) would report it as an unexpected weight. The classes that add one
+  (Data2VecTextModel, ForMultipleChoice) list `pooler.dense.*` as newly initialised, as they do
+  for the official data2vec-text / roberta checkpoints. FlaxRobertaModel loaded with
+  _do_init=False needs every parameter, so the msgpack keeps a pooler.
   """
   os.makedirs(out_dir, exist_ok=True)
   hf_cfg = hf_config(cfg)
@@ -256,7 +270,7 @@ def export(params, cfg, out_dir: str, workdir: str) -> None:
   state = to_hf_state(params, cfg, seed=int(cfg.seed))
   _write_tokenizer(cfg, workdir, out_dir)
   hf_cfg.save_pretrained(out_dir)
-  common.save_state_dict(state, out_dir)
+  common.save_state_dict({k: v for k, v in state.items() if not k.startswith("pooler.")}, out_dir)
   with open(os.path.join(out_dir, "flax_model.msgpack"), "wb") as f:
     f.write(flax.serialization.msgpack_serialize(flax_roberta_params(state)))
   common.write_json(config_lib.to_dict(cfg), os.path.join(out_dir, "d2v_config.json"))

@@ -20,7 +20,6 @@ lm_head) is a pretraining module and is not exported, as in the official convers
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import flax
@@ -283,29 +282,3 @@ def export(params, cfg, out_dir: str, workdir: str) -> None:
 def load(path: str, cfg) -> dict:
   """HF directory (model.safetensors or pytorch_model.bin) -> {'embed', 'encoder'} params."""
   return from_hf_state(common.load_state_dict(path), cfg, seed=int(cfg.seed))
-
-
-_TF_CHECK = r"""
-import sys, numpy as np
-from transformers import TFData2VecVisionModel
-path, pixels = sys.argv[1], np.load(sys.argv[2])
-m = TFData2VecVisionModel.from_pretrained(path, from_pt=True)
-out = m(pixel_values=pixels, output_hidden_states=True)
-np.savez(sys.argv[3], last=out.last_hidden_state.numpy(),
-         **{f"h{i}": h.numpy() for i, h in enumerate(out.hidden_states)})
-"""
-
-
-def tf_outputs(out_dir: str, pixels_nchw: np.ndarray, tmp_dir: str, timeout: int = 300) -> dict:
-  """Runs TFData2VecVisionModel (from_pt) on `pixels` in a USE_TF=1 subprocess; returns arrays."""
-  inp, res = os.path.join(tmp_dir, "pixels.npy"), os.path.join(tmp_dir, "tf_out.npz")
-  np.save(inp, pixels_nchw.astype(np.float32))
-  env = dict(os.environ, USE_TF="1", USE_TORCH="1", TF_CPP_MIN_LOG_LEVEL="3",
-             CUDA_VISIBLE_DEVICES="")
-  proc = subprocess.run([sys.executable, "-c", _TF_CHECK, out_dir, inp, res], env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  if proc.returncode:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-    raise RuntimeError(f"TFData2VecVisionModel failed on {out_dir}: {tail[0]}")
-  with np.load(res) as z:
-    return dict(z)
