@@ -111,8 +111,19 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.guards.collapse_after = 5000
   c.guards.collapse_policy = "stop"  # warn | stop | rollback (to the last checkpoint before it)
   c.guards.max_nonfinite = 10        # consecutive skipped (non-finite) steps before the policy
-  c.guards.nonfinite_policy = "stop"  # stop | rollback (restore, data position moves past the bad batches)
+  c.guards.nonfinite_policy = "stop"  # stop | rollback (data continues past the bad batches)
   c.guards.max_rollbacks = 3         # rollbacks in one launch before the run stops instead
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.rank_every = 0              # RankMe of student/teacher token features every N steps; 0 = off
+  c.eval.probe_every = 0             # linear + k-NN probe on eval.probe_data every N steps; 0 = off
+  c.eval.probe_data = ""             # folder per class (images, audio) or text<TAB>label TSV (text)
+  c.eval.probe_weights = "student"   # student | teacher
+  c.eval.layer = -1                  # block probed / ranked: 1..L, or -1..-L from the end
+  c.eval.rank_examples = 64          # examples in the fixed rank batch
+  c.eval.probe_chunk = 64            # examples per forward pass
+  c.eval.probe_seed = 0              # seed of the stratified split
+  c.eval.probe_test_frac = 0.3
 
   c.init = ml_collections.ConfigDict()
   c.init.hf = ""                     # HF directory a NEW run starts from (d2v_jax/init.py)

@@ -15,29 +15,53 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from d2v_jax import ema, targets as T
+from d2v_jax import ema, health, targets as T
 from d2v_jax.state import TrainState
+
+
+def _unrolled_threefry_on_cpu() -> bool:
+  """Lowers threefry2x32 on CPU like GPU/TPU do (one straight-line kernel) instead of jax's
+  CPU default, a 5-iteration rolled loop that writes every round's state to memory. Same
+  random bits; dropout's random draws cost ~8 % of a CPU step less (docs/performance.md).
+  Uses jax internals, so it is skipped (returns False) when they are not where expected."""
+  try:
+    from jax._src.interpreters import mlir
+    from jax._src.random import threefry2x32 as tf
+    mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule, platform="cpu")
+    return True
+  except (ImportError, AttributeError):
+    return False
+
+
+UNROLLED_THREEFRY = _unrolled_threefry_on_cpu()
 
 
 def _global_norm(tree) -> jax.Array:
   return optax.global_norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
 
 
-def teacher_targets(model, params, teacher, batch, cfg):
-  """Targets [B, T', D] from the teacher on the unmasked input (no dropout, no gradient)."""
+def teacher_targets(model, params, teacher, batch, cfg, *, with_layers: bool = False):
+  """Targets [B, T', D] from the teacher on the unmasked input (no dropout, no gradient).
+
+  Returns (targets, valid), plus the raw top-K layers [K, B, T', D] with `with_layers`
+  (for the per-layer health metrics).
+  """
   n_extra = model.embed.num_extra_tokens
   out = model.apply({"params": ema.teacher_params(params, teacher)}, batch, student=False,
                     deterministic=True)
   valid = out["valid"]
   valid = None if valid is None else valid[:, n_extra:]
-  y = T.targets_from_config(out["layers"][:, :, n_extra:], valid, cfg.target)
+  layers = out["layers"][:, :, n_extra:]
+  y = T.targets_from_config(layers, valid, cfg.target)
+  if with_layers:
+    return jax.lax.stop_gradient(y), valid, jax.lax.stop_gradient(layers[-cfg.target.top_k:])
   return jax.lax.stop_gradient(y), valid
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
   n_extra = model.embed.num_extra_tokens
   mask = batch["mask"]
-  y, _ = teacher_targets(model, state.params, state.teacher, batch, cfg)
+  y, valid, top = teacher_targets(model, state.params, state.teacher, batch, cfg, with_layers=True)
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -71,6 +95,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
       "pred_var": T.masked_std_mean(pred, mask),
       "masked_frac": n_masked / mask.size,
       "nonfinite": 1 - finite.astype(jnp.int32),
+      **health.step_metrics(pred=pred, target=y, mask=mask, top=top, valid=valid,
+                            teacher=new_state.teacher,
+                            student_view=ema.teacher_view(new_state.params, new_state.teacher.keys()),
+                            cfg=cfg),
   }
   return new_state, metrics
 

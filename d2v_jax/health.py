@@ -1,0 +1,210 @@
+"""Health of a data2vec run: per-step collapse signals and the in-training rank / probe hook.
+
+Per step (inside the jitted train step, d2v_jax/step.py), on the positions the loss covers:
+  target_var_l{i}    per-dim std over masked positions, averaged over dims (fairseq
+                     `compute_var`, the same statistic as `target_var`), of each of the K
+                     normalised teacher layers i that the targets average (1-based layer
+                     numbers). A layer whose value falls towards 0 is collapsing.
+  pred_target_cos    mean cosine similarity of the student prediction and its target.
+  teacher_dist       relative L2 distance ||teacher - student|| / ||student|| over the EMA
+                     subtrees (0 when the teacher copies the student; grows with 1 - tau).
+Every `eval.rank_every` / `eval.probe_every` steps (Hook): the effective rank (RankMe) of the
+student's and the teacher's token features on a fixed batch, and a linear / k-NN probe on the
+labelled set `eval.probe_data` (d2v_jax/probe.py), written to the run's metrics files.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d2v_jax import targets as T
+from d2v_jax.config import ConfigError
+
+RANK_EPS = 1e-7  # RankMe's epsilon on the normalised singular values
+
+
+# ------------------------------------------------------------------------ per-step metrics
+
+
+def layer_target_std(top: jax.Array, valid: jax.Array | None, mask: jax.Array,
+                     layer_norm_kind: str) -> jax.Array:
+  """[K] masked_std_mean of each of the K top teacher layers after its per-layer norm.
+
+  top: [K, B, T, D] raw teacher outputs of the layers the targets average; valid: [B, T] or
+  None; mask: [B, T] positions the loss covers.
+  """
+  one = lambda layer: T.make_targets(layer[None], valid, top_k=1, layer_norm_kind=layer_norm_kind,
+                                     final_norm_kind="none")
+  return jax.vmap(lambda layer: T.masked_std_mean(one(layer), mask))(top)
+
+
+def masked_cosine(pred: jax.Array, target: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """Mean over masked positions of cos(pred, target) along the channel axis."""
+  p, t = pred.astype(jnp.float32), target.astype(jnp.float32)
+  cos = (p * t).sum(-1) * jax.lax.rsqrt(
+      jnp.maximum(jnp.square(p).sum(-1) * jnp.square(t).sum(-1), eps * eps))
+  m = mask.astype(jnp.float32)
+  return (cos * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def relative_distance(teacher, student) -> jax.Array:
+  """||teacher - student||_2 / ||student||_2 over all leaves (float32)."""
+  f32 = lambda x: x.astype(jnp.float32)
+  sq = lambda tree: sum(jnp.sum(jnp.square(f32(x))) for x in jax.tree_util.tree_leaves(tree))
+  diff = jax.tree_util.tree_map(lambda a, b: f32(a) - f32(b), teacher, student)
+  return jnp.sqrt(sq(diff)) / jnp.maximum(jnp.sqrt(sq(student)), 1e-12)
+
+
+def layer_names(num_layers: int, top_k: int) -> list[str]:
+  """Metric names of the K target layers (1-based layer numbers of the stack)."""
+  return [f"target_var_l{i}" for i in range(num_layers - top_k + 1, num_layers + 1)]
+
+
+def step_metrics(*, pred, target, mask, top, valid, teacher, student_view, cfg) -> dict:
+  """The health metrics train_step adds to its metrics dict (all scalars)."""
+  stds = layer_target_std(top, valid, mask, cfg.target.layer_norm)
+  names = layer_names(cfg.model.encoder.num_layers, top.shape[0])
+  out = {name: stds[i] for i, name in enumerate(names)}
+  out["pred_target_cos"] = masked_cosine(pred, target, mask)
+  out["teacher_dist"] = relative_distance(teacher, student_view)
+  return out
+
+
+# ------------------------------------------------------------------------ effective rank
+
+
+def effective_rank_from_singular_values(s) -> float:
+  """RankMe (Garrido et al. 2023): exp(entropy of p), p_k = s_k / sum(s) + eps."""
+  s = np.abs(np.asarray(s, np.float64))
+  p = s / max(s.sum(), 1e-300) + RANK_EPS
+  return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def effective_rank(x) -> float:
+  """RankMe of a feature matrix x [N, D] (rows = samples; not centred, as in RankMe)."""
+  return effective_rank_from_singular_values(np.linalg.svd(np.asarray(x, np.float64), compute_uv=False))
+
+
+def effective_rank_from_gram(gram) -> float:
+  """RankMe from G = X^T X [D, D]: the singular values of X are sqrt(eig(G))."""
+  g = np.asarray(gram, np.float64)
+  lam = np.linalg.eigvalsh((g + g.T) / 2)
+  return effective_rank_from_singular_values(np.sqrt(np.clip(lam, 0.0, None)))
+
+
+# ------------------------------------------------------------------------ in-training hook
+
+
+def eval_settings(cfg) -> dict:
+  """cfg.eval with defaults (runs written before the eval keys existed have none)."""
+  e = dict(rank_every=0, probe_every=0, probe_data="", probe_weights="student", layer=-1,
+           rank_examples=64, probe_chunk=64, probe_seed=0, probe_test_frac=0.3)
+  if "eval" in cfg:
+    e.update({k: v for k, v in cfg.eval.items()})
+  return e
+
+
+class Hook:
+  """Called by the trainer after every step: `hook(step, state, writer)`.
+
+  Every eval.rank_every steps: rank_student / rank_teacher = RankMe of the token features
+  (layer eval.layer, valid non-extra tokens) of a fixed batch of eval.rank_examples examples
+  (the labelled probe set when there is one, else the start of the training stream).
+  Every eval.probe_every steps: probe_linear_acc / probe_knn_acc (+ probe_chance) of a linear
+  and a k-NN probe on the mean-pooled features of eval.probe_data (eval.probe_weights).
+  Every process must call it (the forward passes are collective); process 0 writes.
+  """
+
+  def __init__(self, cfg, built, workdir: str):
+    self.cfg, self.built, self.workdir = cfg, built, workdir
+    self.e = eval_settings(cfg)
+    if self.e["probe_every"] and not self.e["probe_data"]:
+      raise ConfigError("eval.probe_every > 0 needs eval.probe_data: a folder per class "
+                        "(images, audio) or a text<TAB>label TSV (text)")
+    if self.e["probe_weights"] not in ("student", "teacher"):
+      raise ConfigError(f"eval.probe_weights={self.e['probe_weights']!r}: use student or teacher")
+    if self.active:  # a bad layer fails at start-up, not at the first evaluation
+      from d2v_jax import probe
+      try:
+        probe.layer_index(int(self.e["layer"]), int(cfg.model.encoder.num_layers))
+      except ConfigError as e:
+        raise ConfigError(f"eval.{e}") from None
+    self._encoder = None
+    self._probe_set = None
+    self._rank_batch = None
+    if self.active and self.e["probe_data"]:
+      self._labelled()  # a bad probe set fails at start-up too
+
+  @property
+  def active(self) -> bool:
+    return bool(self.e["rank_every"] or self.e["probe_every"])
+
+  def due(self, step: int) -> tuple[bool, bool]:
+    r, p = self.e["rank_every"], self.e["probe_every"]
+    return bool(r and step % r == 0), bool(p and step % p == 0)
+
+  def _enc(self):
+    if self._encoder is None:
+      from d2v_jax import probe
+      self._encoder = probe.FeatureEncoder(self.built, self.e["layer"], chunk=self.e["probe_chunk"])
+    return self._encoder
+
+  def _labelled(self):
+    if self._probe_set is None:
+      from d2v_jax import probe
+      self._probe_set = probe.load_labelled(self.cfg, self.workdir, self.e["probe_data"])
+    return self._probe_set
+
+  def _fixed_batch(self) -> dict:
+    if self._rank_batch is None:
+      n = int(self.e["rank_examples"])
+      if self.e["probe_data"]:  # a seeded subset, so every class is in it
+        arrays = self._labelled().arrays
+        some = next(iter(arrays.values()))
+        idx = np.sort(np.random.default_rng(0).permutation(len(some))[:n])
+        arrays = {k: np.asarray(v)[idx] for k, v in arrays.items()}
+      else:  # the first examples of the training stream: a pure function of the config
+        it = iter(self.built.modality.data.build_dataset(self.cfg, self.workdir, start_step=0,
+                                                         process_index=0, process_count=1))
+        rows, got = [], 0
+        while got < n:
+          b = next(it)
+          rows.append(b)
+          got += len(b["mask"])
+        arrays = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+      self._rank_batch = {k: np.asarray(v)[:n] for k, v in arrays.items()}
+    return self._rank_batch
+
+  def __call__(self, step: int, state, writer) -> dict:
+    do_rank, do_probe = self.due(step)
+    if not (do_rank or do_probe):
+      return {}
+    from d2v_jax import ema, probe
+    # The step that made `state` may still run; one program at a time (ENV.md: CPU collectives).
+    jax.block_until_ready(state)
+    out: dict = {}
+    student = state.params
+    teacher = ema.teacher_params(state.params, state.teacher)
+    if do_rank:
+      batch = self._fixed_batch()
+      for name, params in (("student", student), ("teacher", teacher)):
+        feats = self._enc()(params, batch)
+        out[f"rank_{name}"] = effective_rank_from_gram(feats.gram)
+    if do_probe:
+      ds = self._labelled()
+      params = student if self.e["probe_weights"] == "student" else teacher
+      feats = self._enc()(params, ds.arrays)
+      if jax.process_index() == 0:
+        res = probe.fit_probes(feats.pooled, ds.labels, seed=self.e["probe_seed"],
+                               test_frac=self.e["probe_test_frac"])
+        out.update(probe_linear_acc=res["linear_acc"], probe_knn_acc=res["knn_acc"],
+                   probe_chance=res["chance"])
+    if out and jax.process_index() == 0:
+      writer.write(step, out)
+      print(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in out.items()),
+            file=sys.stdout, flush=True)
+    return out

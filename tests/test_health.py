@@ -1,0 +1,163 @@
+"""Health metrics: effective rank, per-layer target std, cosine, teacher distance, and the
+in-training rank / probe hook writing to metrics.jsonl at the configured steps."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from d2v_jax import build as build_lib, health, metrics as metrics_lib, targets as T
+from d2v_jax.data import text as text_data
+from step_utils import tiny_text_config
+
+
+# ----------------------------------------------------------------------- effective rank
+
+
+def test_effective_rank_of_known_matrices():
+  assert health.effective_rank(np.eye(16)) == pytest.approx(16.0, rel=1e-4)
+  u, v = np.arange(1.0, 9.0), np.linspace(-1, 2, 5)
+  assert health.effective_rank(np.outer(u, v)) == pytest.approx(1.0, abs=1e-4)
+  # singular values (3, 1): p = (3/4, 1/4), exp(-(3/4 ln 3/4 + 1/4 ln 1/4)) = 1.754765...
+  want = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+  assert want == pytest.approx(1.7548, abs=1e-4)
+  assert health.effective_rank(np.diag([3.0, 1.0, 0.0])) == pytest.approx(want, rel=1e-5)
+  # a rotated copy has the same singular values
+  q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
+  assert health.effective_rank(q @ np.diag([3.0, 1.0, 0.0])) == pytest.approx(want, rel=1e-5)
+
+
+def test_effective_rank_from_gram_equals_svd():
+  x = np.random.default_rng(1).normal(size=(200, 12)) * np.linspace(0.1, 3, 12)
+  assert health.effective_rank_from_gram(x.T @ x) == pytest.approx(health.effective_rank(x), rel=1e-6)
+
+
+# ----------------------------------------------------------------------- per-step metrics
+
+
+def test_layer_target_std_hand_computed():
+  # K=2 layers, B=1, T=3, D=2; mask covers positions 0 and 1.
+  l1 = np.array([[[3.0, 1.0], [0.0, 2.0], [5.0, 5.0]]])
+  l2 = np.array([[[1.0, 4.0], [3.0, 0.0], [9.0, 9.0]]])
+  top = jnp.asarray(np.stack([l1, l2]))
+  mask = jnp.asarray([[True, True, False]])
+  # no per-layer norm: per-dim unbiased std over the 2 masked positions, averaged over dims
+  # l1: dim0 {3, 0} -> std 2.1213, dim1 {1, 2} -> 0.7071 -> mean 1.4142
+  # l2: dim0 {1, 3} -> 1.4142, dim1 {4, 0} -> 2.8284 -> mean 2.1213
+  got = np.asarray(health.layer_target_std(top, None, mask, "none"))
+  np.testing.assert_allclose(got, [math.sqrt(2), 1.5 * math.sqrt(2)], rtol=1e-5)
+  # LayerNorm over 2 channels maps each masked token to +-(1, -1)/sqrt(1 + eps/d^2), d = half
+  # the channel gap (1 in l1; 1.5 and 2 in l2): every dim then holds {+a, -a'}.
+  got = np.asarray(health.layer_target_std(top, None, mask, "layer"))
+  s = lambda d: 1 / math.sqrt(1 + T.EPS / d ** 2)
+  a = [(s(1.0), s(1.0)), (s(1.5), s(2.0))]
+  want = [math.sqrt((x + y) ** 2 / 2) for x, y in a]  # std of {x, -y} with n - 1 = 1
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_masked_cosine_and_relative_distance_hand_computed():
+  pred = jnp.asarray([[[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]]])
+  target = jnp.asarray([[[0.0, 1.0], [2.0, 2.0], [-1.0, 0.0]]])
+  mask = jnp.asarray([[True, True, False]])  # cos = 0, 1 (and -1, not counted)
+  assert float(health.masked_cosine(pred, target, mask)) == pytest.approx(0.5, abs=1e-6)
+  teacher = {"a": jnp.asarray([3.0, 4.0]), "b": {"c": jnp.asarray([[0.0]])}}
+  student = {"a": jnp.asarray([3.0, 0.0]), "b": {"c": jnp.asarray([[0.0]])}}
+  assert float(health.relative_distance(teacher, student)) == pytest.approx(4 / 3, rel=1e-6)
+
+
+def test_train_step_logs_health_metrics():
+  cfg = tiny_text_config()
+  cfg.target.top_k = 1   # then target_var_l2 is the std of the (only) target layer
+  built = build_lib.build(cfg, devices=jax.devices()[:1])
+  state = built.init(cfg.seed)
+  state0 = jax.device_get(state)  # the step donates its input
+  batch = build_lib.to_global(text_data.example_batch(cfg, cfg.batch_size), built.batch_shardings)
+  state1, m = jax.device_get(built.step(state, batch))
+  m = {k: float(v) for k, v in m.items()}
+  assert {"target_var_l2", "pred_target_cos", "teacher_dist", "tau"} <= set(m)
+  assert "target_var_l1" not in m
+  assert m["target_var_l2"] == pytest.approx(m["target_var"], rel=1e-6)
+  assert -1.0 <= m["pred_target_cos"] <= 1.0
+  # teacher_1 = tau s0 + (1 - tau) s1 -> ||teacher_1 - s1|| / ||s1|| = tau ||s0 - s1|| / ||s1||
+  s0, s1 = state0.params["encoder"], state1.params["encoder"]
+  diff = math.sqrt(sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
+                       for a, b in zip(jax.tree_util.tree_leaves(s0), jax.tree_util.tree_leaves(s1))))
+  norm = math.sqrt(sum(float(np.sum(np.asarray(a) ** 2)) for a in jax.tree_util.tree_leaves(s1)))
+  assert m["teacher_dist"] == pytest.approx(m["tau"] * diff / norm, rel=1e-3)
+  # with top_k = K the last K layers are logged, 1-based
+  assert health.layer_names(2, 2) == ["target_var_l1", "target_var_l2"]
+  assert health.layer_names(12, 3) == ["target_var_l10", "target_var_l11", "target_var_l12"]
+
+
+# ----------------------------------------------------------------------- in-training hook
+
+WORDS_A = "apple orange banana grape melon lemon cherry peach plum pear".split()
+WORDS_B = "river mountain forest valley ocean desert island canyon meadow lake".split()
+
+
+def _tiny_text_run(tmp_path, rank_every: int, probe_every: int):
+  from d2v_jax.data import text as text_data
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(80):
+    words = WORDS_A if i % 2 == 0 else WORDS_B
+    lines.append((" ".join(rng.choice(words, size=6)), "fruit" if i % 2 == 0 else "land"))
+  tsv = tmp_path / "probe.tsv"
+  tsv.write_text("".join(f"{t}\t{y}\n" for t, y in lines))
+  tok_dir = str(tmp_path / "tok")
+  text_data.train_tokenizer([t for t, _ in lines] * 5, 300, tok_dir)
+  cfg = tiny_text_config()
+  cfg.data.tokenizer = tok_dir
+  cfg.model.vocab_size = len(text_data.load_tokenizer(tok_dir))
+  cfg.eval = ml_collections.ConfigDict(dict(
+      rank_every=rank_every, probe_every=probe_every, probe_data=str(tsv),
+      probe_weights="teacher", layer=-1, rank_examples=32, probe_chunk=16, probe_seed=0,
+      probe_test_frac=0.3))
+  return cfg
+
+
+def test_hook_writes_rank_and_probe_at_configured_steps(tmp_path):
+  cfg = _tiny_text_run(tmp_path, rank_every=2, probe_every=3)
+  built = build_lib.build(cfg, devices=jax.devices()[:2])  # 2 batch shards: chunking + sharding
+  state = built.init(0)
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  hook = health.Hook(cfg, built, workdir)
+  writer = metrics_lib.Writer(workdir)
+  outs = {s: hook(s, state, writer) for s in range(1, 7)}
+  writer.close()
+  rows = metrics_lib.read(workdir)
+  by_step = {r["step"]: set(r) - {"step"} for r in rows}
+  rank_keys = {"rank_student", "rank_teacher"}
+  probe_keys = {"probe_linear_acc", "probe_knn_acc", "probe_chance"}
+  assert by_step == {2: rank_keys, 3: probe_keys, 4: rank_keys, 6: rank_keys | probe_keys}
+  assert outs[1] == {} and outs[5] == {}
+  r = outs[2]
+  # at init the teacher is the student: same features, same rank; 64 channels bound it
+  assert r["rank_student"] == pytest.approx(r["rank_teacher"], rel=1e-6)
+  assert 1.0 < r["rank_student"] <= 64.0
+  # the two classes use disjoint words: even random features separate them
+  assert outs[3]["probe_linear_acc"] >= 0.95
+  assert outs[3]["probe_chance"] == pytest.approx(0.5, abs=0.05)
+  assert outs[6]["probe_linear_acc"] == outs[3]["probe_linear_acc"]  # same state, same split
+  # the hook's rank is the RankMe of the token features of its fixed batch
+  from d2v_jax import probe
+  feats = probe.FeatureEncoder(built, -1, chunk=16)(state.params, hook._fixed_batch())
+  assert r["rank_student"] == pytest.approx(health.effective_rank_from_gram(feats.gram), rel=1e-6)
+
+
+def test_hook_is_off_without_eval_keys_and_rejects_probe_without_data():
+  cfg = tiny_text_config()
+  hook = health.Hook(cfg, None, "/nonexistent")
+  assert not hook.active and hook(10, None, None) == {}
+  cfg.eval = ml_collections.ConfigDict(dict(probe_every=5, probe_data=""))
+  from d2v_jax.config import ConfigError
+  with pytest.raises(ConfigError, match="eval.probe_data"):
+    health.Hook(cfg, None, "/nonexistent")
+  cfg.eval = ml_collections.ConfigDict(dict(rank_every=5, layer=3))  # the tiny model has 2
+  with pytest.raises(ConfigError, match=r"eval.layer=3: use 1..2"):
+    health.Hook(cfg, None, "/nonexistent")
