@@ -54,7 +54,8 @@ def parse_argv(argv: list[str], fv: flags.FlagValues | None = None) -> flags.Fla
   """Parses argv into `fv` (the absl flags), turning config errors into ConfigError."""
   fv = fv or flags.FLAGS
   if "config" not in fv:
-    config_flags.DEFINE_config_file("config", None, "config file[:args]", flag_values=fv)
+    config_flags.DEFINE_config_file("config", None, "config file[:args]", flag_values=fv,
+                                   sys_argv=argv)  # overrides come from argv, not sys.argv
   try:
     fv(argv)
   except flags.Error as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -10,24 +11,36 @@ import time
 
 
 class Writer:
-  """Writes metrics to WORKDIR/metrics.jsonl and TensorBoard events (process 0 only)."""
+  """Writes metrics to WORKDIR/metrics.jsonl and TensorBoard events (process 0 only).
+
+  Files are opened at the first row, so a launch that fails before its first step leaves the
+  run directory as it was."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self._tb = None
-    if not enabled:
-      return
+    self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._f = None
+    self._tb = None
+
+  def _open(self) -> None:
     self._f = open(self.path, "a")
+    if self._f.tell() > 0:
+      with open(self.path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":  # a row cut by a crash: end it, so the next row parses
+          self._f.write("\n")
     try:
       import tensorflow as tf
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
+      self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, "tb"))
     except ImportError:  # TensorBoard events are a convenience; JSON lines are the record
       self._tb = None
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
+    if self._f is None:
+      self._open()
     row = {"step": int(step), **{k: _py(v) for k, v in scalars.items()}}
     self._f.write(json.dumps(row) + "\n")
     self._f.flush()
@@ -40,10 +53,12 @@ class Writer:
       self._tb.flush()
 
   def close(self) -> None:
-    if self.enabled:
+    if self._f is not None:
       self._f.close()
-      if self._tb is not None:
-        self._tb.close()
+      self._f = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
 
 def _py(v):
@@ -55,9 +70,17 @@ def _py(v):
 
 
 def read(workdir: str) -> list[dict]:
-  """All rows of WORKDIR/metrics.jsonl (later rows of a resumed run follow earlier ones)."""
+  """All rows of WORKDIR/metrics.jsonl (later rows of a resumed run follow earlier ones); a row
+  cut short by a crash is left out."""
+  rows = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue
+  return rows
 
 
 class Window:
@@ -103,39 +126,94 @@ def progress_line(step: int, total: int, m: dict) -> str:
           f"| ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
 
 
+NONFINITE_POLICIES = ("stop", "rollback")
+COLLAPSE_POLICIES = ("warn", "stop", "rollback")
+
+
+@dataclasses.dataclass
+class Verdict:
+  """What the trainer must do about an incident: "stop", or "rollback" to a checkpoint
+  written before step `first_bad` (the first step of the incident)."""
+  action: str
+  msg: str
+  first_bad: int
+
+
 class Guards:
   """Host-side run guards on the metrics of each step (ALGORITHM.md §1.3 collapse checks).
 
-  non-finite: the step already skipped the update on device; here we count consecutive
-  skips and stop when guards.max_nonfinite is exceeded. Collapse: after guards.collapse_after
-  steps, target_var / pred_var below their minimum -> warn or stop (guards.collapse_policy).
+  Non-finite: the step already skipped the update on device (metrics["nonfinite"] = 1); here
+  consecutive skips are counted, and more than guards.max_nonfinite in a row triggers
+  guards.nonfinite_policy (stop | rollback). Collapse: from step guards.collapse_after on,
+  target_var / pred_var below guards.min_target_var / min_pred_var (0 = off) triggers
+  guards.collapse_policy (warn | stop | rollback). Messages carry the numbers.
   """
 
   def __init__(self, g):
     self.g = g
-    self.nonfinite_run = 0
+    for key, allowed in (("nonfinite_policy", NONFINITE_POLICIES),
+                         ("collapse_policy", COLLAPSE_POLICIES)):
+      if g.get(key, allowed[0]) not in allowed:
+        raise _config_error(f"guards.{key}={g.get(key)!r} must be one of {allowed}")
+    for key in ("max_nonfinite", "max_rollbacks", "collapse_after"):
+      if g.get(key, 0) < 0:
+        raise _config_error(f"guards.{key}={g.get(key)} must be >= 0")
     self.nonfinite_total = 0
+    self.reset()
 
-  def check(self, step: int, m: dict) -> str | None:
-    """Returns a message when training must stop, else None (warnings go to stderr)."""
+  def reset(self) -> None:
+    """Forgets the current incident (after a rollback)."""
+    self.nonfinite_run = 0
+    self.nonfinite_since: int | None = None
+    self.collapse_since: int | None = None
+
+  @property
+  def healthy(self) -> bool:
+    """False during an incident: periodic checkpoints are then held back, so the kept ones
+    still include a state from before it (the rollback target)."""
+    collapsing = self.collapse_since is not None and self.g.get("collapse_policy", "stop") != "warn"
+    return self.nonfinite_run == 0 and not collapsing
+
+  def check(self, step: int, m: dict) -> Verdict | None:
+    """Verdict when the trainer must act, else None (warnings go to stderr)."""
     g = self.g
     if m.get("nonfinite", 0):
-      self.nonfinite_run += 1
       self.nonfinite_total += 1
-      if self.nonfinite_run > g.get("max_nonfinite", 10):
-        return (f"{self.nonfinite_run} consecutive steps with non-finite loss/gradients at step "
-                f"{step} (guards.max_nonfinite={g.get('max_nonfinite', 10)}); lower the lr or check the data")
-    else:
-      self.nonfinite_run = 0
+      self.nonfinite_run += 1
+      if self.nonfinite_since is None:
+        self.nonfinite_since = step
+      limit = g.get("max_nonfinite", 10)
+      if self.nonfinite_run > limit:
+        return Verdict(g.get("nonfinite_policy", "stop"),
+                       f"{self.nonfinite_run} consecutive steps with non-finite loss/gradients "
+                       f"(steps {self.nonfinite_since}..{step}, {self.nonfinite_total} in this "
+                       f"run) > guards.max_nonfinite={limit}; lower the lr or check the data",
+                       self.nonfinite_since)
+      return None   # the step was skipped: its variances say nothing
+    self.nonfinite_run, self.nonfinite_since = 0, None
+    low = []
     if step >= g.collapse_after:
-      low = []
       if g.min_target_var > 0 and m["target_var"] < g.min_target_var:
-        low.append(f"target_var={m['target_var']:.4g} < {g.min_target_var}")
+        low.append(f"target_var={m['target_var']:.4g} < guards.min_target_var={g.min_target_var}")
       if g.min_pred_var > 0 and m["pred_var"] < g.min_pred_var:
-        low.append(f"pred_var={m['pred_var']:.4g} < {g.min_pred_var}")
-      if low:
-        msg = f"representation collapse at step {step}: " + ", ".join(low)
-        if g.get("collapse_policy", "stop") == "stop":
-          return msg
-        print(f"warning: {msg}", file=sys.stderr)
-    return None
+        low.append(f"pred_var={m['pred_var']:.4g} < guards.min_pred_var={g.min_pred_var}")
+    if not low:
+      self.collapse_since = None
+      return None
+    first = self.collapse_since is None
+    if first:
+      self.collapse_since = step
+    msg = (f"representation collapse at step {step} (since step {self.collapse_since}): "
+           + ", ".join(low))
+    policy = g.get("collapse_policy", "stop")
+    if policy == "warn":
+      if first:
+        print(f"warning: {msg}; training continues (guards.collapse_policy=warn)",
+              file=sys.stderr, flush=True)
+      return None
+    return Verdict(policy, msg, self.collapse_since)
+
+
+def _config_error(msg: str) -> Exception:
+  from d2v_jax.config import ConfigError
+  return ConfigError(msg)

@@ -40,9 +40,9 @@ def maybe_init_distributed(fv) -> None:
 
 def preflight(workdir: str) -> None:
   """The run directory must take a write, a rename and a delete (what checkpointing does)."""
-  os.makedirs(workdir, exist_ok=True)
   probe = os.path.join(workdir, f".preflight.{os.getpid()}")
   try:
+    os.makedirs(workdir, exist_ok=True)
     with open(probe, "w") as f:
       f.write("ok")
     os.replace(probe, probe + ".renamed")
@@ -53,98 +53,205 @@ def preflight(workdir: str) -> None:
 
 
 class _Preempted:
-  """SIGTERM (TPU VM maintenance, SLURM) -> save at the current step and exit 0."""
+  """SIGTERM (TPU VM maintenance, SLURM) -> save at the current step and exit 0. The previous
+  handler is put back when the run ends (tests and notebooks call run() in-process)."""
 
   def __init__(self):
     self.flag = False
-    signal.signal(signal.SIGTERM, self._on)
+    self._prev = None
+    try:
+      self._prev = signal.signal(signal.SIGTERM, self._on)
+    except ValueError:  # not the main thread: the caller handles signals
+      pass
 
   def _on(self, *_):
     self.flag = True
 
+  def restore(self) -> None:
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
 
-def run(cfg, workdir: str) -> dict:
-  """Trains until cfg.total_steps (or preemption). Returns the last logged metrics."""
+
+def _fault(point: str, step: int, saver=None) -> None:
+  """Crash injection for the resume tests: D2V_TEST_KILL=after_step:N kills this process with
+  SIGKILL after step N (once the save in flight is on disk, i.e. between checkpoints);
+  D2V_TEST_KILL=in_save:N kills it right after the async save of step N was started."""
+  want = os.environ.get("D2V_TEST_KILL")
+  if not want or want != f"{point}:{step}":
+    return
+  if point == "after_step" and saver is not None:
+    saver.poll(block=True)
+  print(f"D2V_TEST_KILL: SIGKILL at {want}", flush=True)
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(cfg, workdir: str, *, devices=None) -> dict:
+  """Trains until cfg.total_steps (or preemption). Returns the last logged metrics.
+  `devices`: a subset of jax.devices() to build the mesh on (default: all)."""
+  preempted = _Preempted()   # first, so that a SIGTERM during start-up also exits cleanly
+  try:
+    return _run(cfg, workdir, devices, preempted)
+  finally:
+    preempted.restore()
+
+
+def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
   import jax
-  import numpy as np
 
   from d2v_jax import build as build_lib, checkpoint, config as config_lib, metrics as metrics_lib
+  from d2v_jax import sharding
   from d2v_jax.modality import load as load_modality
 
   pid, nproc = jax.process_index(), jax.process_count()
   preflight(workdir)
   mod = load_modality(cfg.modality)
-  mod.data.prepare(cfg, workdir)
-  built = build_lib.build(cfg)
-  from d2v_jax import sharding
-  sharding.check_batch(cfg.batch_size, built.mesh, nproc)
-  if pid == 0:
-    config_lib.write_resolved(cfg, workdir)
-    sizes, repl = sharding.report(built.state_shardings, built.abstract_state)
-    print(f"mesh {dict(built.mesh.shape)} | per-device MiB: "
-          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items())
-          + f" | replicated params: {len(repl)}", flush=True)
-
-  mngr = checkpoint.manager(workdir, keep=cfg.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, built.abstract_state, built.state_shardings)
-    start = int(meta["data_position"])
-    if pid == 0:
-      print(f"resumed from {workdir} at step {start}", flush=True)
-  else:
-    state, start = built.init(cfg.seed), 0
-
-  data = iter(mod.data.build_dataset(cfg, workdir, start_step=start, process_index=pid,
-                                process_count=nproc))
-  writer = metrics_lib.Writer(workdir, enabled=pid == 0)
+  # Every range check before anything is prepared or written into the run directory.
+  config_lib.validate(cfg)
+  mod.data.validate(cfg)
   guards = metrics_lib.Guards(cfg.guards)
-  preempted = _Preempted()
-  clock = metrics_lib.Throughput(start, cfg.total_steps)
-  meta = lambda s: {"step": s, "data_position": s, "modality": cfg.modality,
-                    "config": config_lib.to_dict(cfg)}
+  mod.data.prepare(cfg, workdir)
+  built = build_lib.build(cfg, devices=devices)
+  sharding.check_batch(cfg.batch_size, built.mesh, nproc)
 
-  last, pending, step, stop_msg = {}, None, start, None
+  saver = checkpoint.Saver(workdir, keep=cfg.keep_checkpoints)
+  finished = False
+  try:
+    latest = saver.latest_step()
+    if latest is not None:
+      try:
+        state, meta = saver.restore(built.abstract_state, built.state_shardings)
+      except checkpoint.CheckpointError:
+        raise
+      except Exception as e:
+        raise config_lib.ConfigError(
+            f"cannot restore checkpoint step {latest} of {workdir} with this config "
+            f"({checkpoint.first_line(e)}); resume with the run's own config "
+            f"({os.path.join(workdir, 'config.json')}) or choose another --workdir") from None
+      step, data_pos = int(meta["step"]), int(meta["data_position"])
+      if pid == 0:
+        print(f"resumed from {workdir} at step {step} (data position {data_pos})", flush=True)
+    else:  # a new run: fresh weights, or init.hf / init.checkpoint (d2v_jax/init.py)
+      from d2v_jax import init as init_lib
+      state, step, data_pos = init_lib.initial_params(cfg, built, built.init(cfg.seed)), 0, 0
+    if pid == 0:
+      sizes, repl = sharding.report(built.state_shardings, built.abstract_state)
+      print(f"mesh {dict(built.mesh.shape)} | per-device MiB: "
+            + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items())
+            + f" | replicated params: {len(repl)}", flush=True)
+    out = _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos)
+    finished = True
+  finally:
+    if finished:
+      saver.close()   # waits for the last save; its failure is the run's error
+    else:
+      try:
+        saver.close()
+      except checkpoint.CheckpointError as e:  # keep the error that is already propagating
+        print(f"error: {e}", file=sys.stderr, flush=True)
+  return out
 
+
+def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos) -> dict:
+  """The training loop. `step` counts updates (state.step); `data_pos` counts batches read
+  (they differ after a rollback, which skips the bad batches)."""
+  import jax
+  import numpy as np
+
+  from d2v_jax import build as build_lib, config as config_lib, health, metrics as metrics_lib
+
+  pid, nproc = jax.process_index(), jax.process_count()
+  data = iter(mod.data.build_dataset(cfg, workdir, start_step=data_pos, process_index=pid,
+                                     process_count=nproc))
+  writer = metrics_lib.Writer(workdir, enabled=pid == 0)
+  hook = health.Hook(cfg, built, workdir)  # rank / probe every eval.*_every steps; off by default
+  clock = metrics_lib.Throughput(step, cfg.total_steps)
   window = metrics_lib.Window()
+  g = cfg.guards
+  config_dict = config_lib.to_dict(cfg)
+  meta = lambda: {"step": step, "data_position": data_pos, "modality": cfg.modality,
+                  "config": config_dict}
 
   def flush(pending):
-    """Fetches the previous step's metrics (one step late, so the host never stalls) and
-    logs their mean over the last log_every steps."""
+    """Fetches a step's metrics (one step late, so the host never stalls), runs the guards
+    and logs the mean over the last log_every steps."""
     s, m, positions = pending
     m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
-    stop = guards.check(s, m)
+    if pid == 0 and not resolved_written:
+      # Written once a step of this launch has run: a launch rejected at start-up (config
+      # that does not fit the checkpoint, unreadable data) leaves the run directory as it was.
+      config_lib.write_resolved(cfg, workdir)
+      resolved_written.append(True)
+    verdict = guards.check(s, m)
     window.add(m)
-    if s % cfg.log_every == 0 or s == cfg.total_steps or stop:
+    if s % cfg.log_every == 0 or s == cfg.total_steps or verdict:
       logged = window.mean()
+      logged["nonfinite_total"] = guards.nonfinite_total
       logged.update(clock.tick(s, cfg.batch_size, cfg.batch_size * positions))
       writer.write(s, logged)
       if pid == 0:
         print(metrics_lib.progress_line(s, cfg.total_steps, logged), flush=True)
-    return m, stop
+    return m, verdict
 
+  last, pending, stop_msg, rollbacks, resolved_written = {}, None, None, 0, []
   try:
-    while step < cfg.total_steps:
-      local = next(data)
-      batch = build_lib.to_global(local, built.batch_shardings)
-      state, m = built.step(state, batch)
-      step += 1
+    while step < cfg.total_steps or pending is not None:
+      dispatched = step < cfg.total_steps and not preempted.flag
+      if dispatched:
+        local = next(data)
+        data_pos += 1
+        state, m = built.step(state, build_lib.to_global(local, built.batch_shardings))
+        step += 1
+        hook(step, state, writer)
+      verdict = None
       if pending is not None:
-        last, stop_msg = flush(pending)
-      pending = (step, m, local["mask"].shape[1])
-      if stop_msg:
-        break
-      if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-        checkpoint.save(mngr, step, state, meta(step))
-      if preempted.flag:
+        last, verdict = flush(pending)
+      pending = (step, m, local["mask"].shape[1]) if dispatched else None
+
+      if verdict is not None:
+        target = None
+        if verdict.action == "rollback":
+          before = [s for s in saver.steps() if s < verdict.first_bad]
+          target = max(before) if before else None
+          if rollbacks >= g.get("max_rollbacks", 3):
+            stop_msg = (f"{verdict.msg}; not rolling back again "
+                        f"(guards.max_rollbacks={g.get('max_rollbacks', 3)})")
+          elif target is None:
+            stop_msg = (f"{verdict.msg}; no checkpoint before step {verdict.first_bad} to roll "
+                        "back to")
+        else:
+          stop_msg = verdict.msg
+        if stop_msg:
+          break
+        # Roll back: the state of checkpoint `target`, the data stream where it is now.
+        gone = saver.delete_after(target)
+        state, rmeta = saver.restore(built.abstract_state, built.state_shardings, target)
+        skipped = (int(rmeta["data_position"]), data_pos - 1)
+        step, pending, rollbacks = target, None, rollbacks + 1
+        guards.reset()
+        window, clock = metrics_lib.Window(), metrics_lib.Throughput(step, cfg.total_steps)
+        if pid == 0:
+          print(f"warning: {verdict.msg}; rolled back to checkpoint step {target} (rollback "
+                f"{rollbacks}/{g.get('max_rollbacks', 3)}, deleted later checkpoints {gone}); "
+                f"data continues at position {data_pos}, batches {skipped[0]}..{skipped[1]} "
+                "are not used again", file=sys.stderr, flush=True)
+        continue
+
+      if dispatched and (step % cfg.checkpoint_every == 0 or step == cfg.total_steps):
+        if guards.healthy or step == cfg.total_steps:
+          if saver.save(step, state, meta()):
+            _fault("in_save", step)
+        elif pid == 0:
+          print(f"warning: not saving step {step} during a non-finite / collapse incident "
+                f"(latest checkpoint: {saver.latest_step()})", file=sys.stderr, flush=True)
+      saver.poll()
+      if dispatched:
+        _fault("after_step", step, saver)
+      if preempted.flag and pending is None:
         if pid == 0:
           print(f"SIGTERM: saving step {step} and exiting", flush=True)
-        checkpoint.save(mngr, step, state, meta(step), force=True)
+        saver.save(step, state, meta(), force=True)
         break
-    if pending is not None and not stop_msg:
-      last, stop_msg = flush(pending)
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
     writer.close()
   if stop_msg:
     raise SystemExit(f"error: {stop_msg}")
@@ -163,10 +270,13 @@ def main(argv=None) -> None:
     config_lib.die("--workdir is required (the run directory; rerun the same command to resume)")
   maybe_init_distributed(fv)
   t0 = time.time()
+  from d2v_jax.checkpoint import CheckpointError
   try:
     run(fv.config, fv.workdir)
   except config_lib.ConfigError as e:
     config_lib.die(str(e))
+  except CheckpointError as e:
+    config_lib.die(str(e), code=1)
   print(f"done in {time.time() - t0:.0f} s; run directory: {os.path.abspath(fv.workdir)}", flush=True)
 
 
