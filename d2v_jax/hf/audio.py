@@ -105,16 +105,7 @@ def hf_config(cfg):
       mask_time_prob=0.05, mask_time_length=int(cfg.data.span), mask_time_min_masks=2)
 
 
-def _get(tree: dict, path: tuple[str, ...]):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _put(tree: dict, path: tuple[str, ...], value) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
+_get, _put = common.get_path, common.put_path
 
 
 def _to_torch(x, how):
@@ -176,12 +167,7 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def _strip_prefix(state: dict) -> dict:
-  probe = "feature_projection.projection.weight"
-  for prefix in PREFIXES:
-    if prefix + probe in state:
-      return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-  raise ValueError(f"HF state dict has no {probe!r} under prefix {PREFIXES[0]!r} or bare (first keys: "
-                   f"{sorted(state)[:3]}); is this a Data2VecAudio checkpoint?")
+  return common.strip_prefix(state, "feature_projection.projection.weight", PREFIXES, "Data2VecAudio")
 
 
 def _from_torch(state: dict, hf_name: str, kind: str) -> dict:

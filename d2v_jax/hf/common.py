@@ -66,3 +66,27 @@ def load_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
 def write_json(obj: Any, path: str) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def get_path(tree: dict, path: tuple[str, ...]):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def put_path(tree: dict, path: tuple[str, ...], value) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def strip_prefix(state: dict, probe: str, prefixes: tuple[str, ...], family: str) -> dict:
+  """Drops the first of `prefixes` (task-head prefixes, then "" for a bare base model) under
+  which `probe` exists; the error names what was looked for and what the checkpoint holds."""
+  for prefix in prefixes:
+    if prefix + probe in state:
+      return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+  raise ValueError(f"HF state dict has no {probe!r} under any of the prefixes "
+                   f"{tuple(p for p in prefixes if p)} or bare (first keys: {sorted(state)[:3]}); "
+                   f"is this a {family} checkpoint?")
+

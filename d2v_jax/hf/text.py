@@ -82,16 +82,7 @@ def hf_config(cfg):
       bos_token_id=0, eos_token_id=2, position_embedding_type="absolute")
 
 
-def _get(tree: dict, path: tuple[str, ...]):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _put(tree: dict, path: tuple[str, ...], value) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
+_get, _put = common.get_path, common.put_path
 
 
 def _module_to_torch(hf_name: str, sub: dict, kind: str, out: dict) -> None:
@@ -147,12 +138,7 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def _strip_prefix(state: dict) -> dict:
-  probe = "embeddings.word_embeddings.weight"
-  for prefix in PREFIXES:
-    if prefix + probe in state:
-      return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-  raise ValueError(f"HF state dict has no {probe!r} under any of the prefixes {PREFIXES[:-1]} or bare "
-                   f"(first keys: {sorted(state)[:3]}); is this a Data2VecText/RoBERTa checkpoint?")
+  return common.strip_prefix(state, "embeddings.word_embeddings.weight", PREFIXES, "Data2VecText/RoBERTa")
 
 
 def _module_from_torch(state: dict, hf_name: str, kind: str) -> dict:

@@ -97,16 +97,7 @@ def image_processor(cfg):
       image_std=list(cfg.data.std), do_reduce_labels=False)
 
 
-def _get(tree: dict, path: tuple[str, ...]):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _put(tree: dict, path: tuple[str, ...], value) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
+_get, _put = common.get_path, common.put_path
 
 
 def _f32(x) -> np.ndarray:
@@ -166,11 +157,7 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def _strip_prefix(state: dict) -> dict:
-  for prefix in PREFIXES:
-    if prefix + PROBE in state:
-      return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-  raise ValueError(f"HF state dict has no {PROBE!r} under any of the prefixes {PREFIXES[:-1]} or "
-                   f"bare (first keys: {sorted(state)[:3]}); is this a Data2VecVision/BEiT checkpoint?")
+  return common.strip_prefix(state, PROBE, PREFIXES, "Data2VecVision/BEiT")
 
 
 def from_hf_state(state: dict, cfg, seed: int = 0) -> dict:
