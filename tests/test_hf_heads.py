@@ -338,18 +338,20 @@ def test_audio_heads(audio_export, cls, head, kw, out_spec):
   assert max_abs(got.hidden_states[-1].numpy(), ref.hidden_states[-1].numpy(), valid) <= 1e-5
 
 
-# ------------------------------------------------------------------- docs/finetune.md snippets
+# ------------------------------------------------------- README "Fine-tune the export" snippets
 
 
 def doc_snippets() -> list[str]:
   import re
-  with open(os.path.join(ROOT, "docs", "finetune.md")) as f:
-    return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  section = text[text.index("## Fine-tune the export"):text.index("## Evaluation")]
+  return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
 @pytest.mark.parametrize("index", range(len(doc_snippets())))
 def test_docs_snippet_runs(index, request):
-  """Each fine-tuning snippet of docs/finetune.md runs on the matching tiny export."""
+  """Each fine-tuning snippet of the README runs on the matching tiny export."""
   import re
   code = doc_snippets()[index]
   if "TFData2Vec" in code:
@@ -358,7 +360,7 @@ def test_docs_snippet_runs(index, request):
   assert line, f"snippet {index} sets no HF_DIR = \"runs/<modality>_base/hf\""
   out = request.getfixturevalue(f"{line.group(1)}_export")[0]
   namespace: dict = {}
-  exec(compile(code.replace(line.group(0), f"HF_DIR = {out!r}"), f"docs/finetune.md#{index}", "exec"),
+  exec(compile(code.replace(line.group(0), f"HF_DIR = {out!r}"), f"README.md#finetune-{index}", "exec"),
        namespace)
   for name in ("loss", "features", "logits"):
     if name in namespace:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence that pretraining learns (docs/evaluation.md): short CPU pretraining runs on the real
+# Evidence that pretraining learns (README: Evaluation): short CPU pretraining runs on the real
 # data of .ci/setup, then linear / k-NN probes of the pretrained student vs a random init of
 # the same architecture on labelled tasks the pretraining never saw labels for.
 #   tools/eval_evidence.sh [text] [vision] [audio]      (default: all; run from the repo root)
