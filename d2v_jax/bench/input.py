@@ -59,20 +59,21 @@ def _override(cfg, item: str) -> None:
     node[leaf] = type(old)(value)
 
 
-def _measure(ds, warmup: int, batches: int, repeats: int) -> tuple[list[float], int, int]:
+def _measure(ds, warmup: int, batches: int, repeats: int) -> tuple[list[float], int, int, int]:
   """Seconds per round of `batches` batches (after `warmup`); examples and mask positions
-  per batch. Rounds follow each other on one iterator; the fastest is the least disturbed
+  per batch; audio samples read in all rounds (0 for other modalities). Rounds follow each other on one iterator; the fastest is the least disturbed
   by other processes on a shared machine."""
   it = ds.as_numpy_iterator()
   for _ in range(warmup):
     b = next(it)
-  rounds = []
+  rounds, samples = [], 0
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(batches):
       b = next(it)
+      samples += int(b["audio_len"].sum()) if "audio_len" in b else 0  # real (unpadded) audio
     rounds.append(time.perf_counter() - t0)
-  return rounds, b["mask"].shape[0], b["mask"].size
+  return rounds, b["mask"].shape[0], b["mask"].size, samples
 
 
 def main(args: argparse.Namespace) -> int:
@@ -111,15 +112,17 @@ def main(args: argparse.Namespace) -> int:
         opts.threading.private_threadpool_size = 1
         opts.threading.max_intra_op_parallelism = 1
         opts.autotune.cpu_budget = 1
-      rounds, b, positions = _measure(ds.with_options(opts), warmup, batches, repeats)
+      rounds, b, positions, samples = _measure(ds.with_options(opts), warmup, batches, repeats)
       secs = min(rounds)
+      audio = {"audio s/s": samples / cfg.data.sample_rate / sum(rounds)} if samples else {}
       rows.append({"config": spec.split("/")[-1], "cores": f"{label} ({cores})",
                    "batch": b, "positions": positions // b,
                    "examples/s": batches * b / secs, "tokens/s": batches * positions / secs,
                    "ms/batch": 1e3 * secs / batches,
-                   "examples/s per round": [round(batches * b / r, 1) for r in rounds]})
-  bench.report("input", rows, ["config", "cores", "batch", "positions", "examples/s", "tokens/s",
-                               "ms/batch"], args.out,
+                   "examples/s per round": [round(batches * b / r, 1) for r in rounds], **audio})
+  columns = ["config", "cores", "batch", "positions", "examples/s", "tokens/s", "ms/batch"]
+  bench.report("input", rows, columns + (["audio s/s"] if rows and "audio s/s" in rows[0] else []),
+               args.out,
                modality=args.modality, overrides=sets, batches=batches, repeats=repeats,
                warmup=warmup,
                prepare_s=prep)
