@@ -50,6 +50,7 @@ def encoder(num_layers: int, hidden: int, heads: int, mlp_dim: int, **kw) -> ml_
   c.final_norm = False      # LayerNorm after the last block (pre-LN stacks)
   c.scan = True             # nn.scan over layers: one compiled block, stacked params
   c.remat = "none"          # activation rematerialisation: none | full | dots
+  c.scan_unroll = 0         # layers per scan iteration; 0: all of them on CPU (faster there), 1 elsewhere
   c.update(kw)
   return c
 
@@ -67,7 +68,11 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.dtype = "float32"                # compute dtype; params, teacher and optimizer stay float32
   c.export_after = False             # write an HF directory at the end of training
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh (d2v_jax/sharding.py): explicit sizes (one may be -1) or a preset that sets them:
+  # dp (batch only), fsdp (params/teacher/optimizer over fsdp), fsdp_tp (plus tensor=N).
+  # dcn_data x dcn_fsdp = number of TPU slices (multislice; -1: the rest).
+  c.mesh = ml_collections.ConfigDict(dict(preset="", data=-1, fsdp=1, tensor=1,
+                                          dcn_data=-1, dcn_fsdp=1))
 
   c.teacher = ml_collections.ConfigDict()
   # Top-level parameter subtrees the teacher keeps its own EMA copy of; every other

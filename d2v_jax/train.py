@@ -135,9 +135,7 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
       state, step, data_pos = init_lib.initial_params(cfg, built, built.init(cfg.seed)), 0, 0
     if pid == 0:
       sizes, repl = sharding.report(built.state_shardings, built.abstract_state)
-      print(f"mesh {dict(built.mesh.shape)} | per-device MiB: "
-            + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items())
-            + f" | replicated params: {len(repl)}", flush=True)
+      print(sharding.report_line(built.mesh, sizes, repl), flush=True)
     out = _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos)
     finished = True
   finally:

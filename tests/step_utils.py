@@ -35,3 +35,27 @@ def run_steps(cfg, n: int, devices=None, batch=None):
     jax.block_until_ready(state)  # ENV.md: one step in flight avoids the CPU rendezvous deadlock
     out.append({k: float(v) for k, v in jax.device_get(m).items()})
   return jax.device_get(state), out, built
+
+
+def assert_same_training(run_a, run_b, tol: float = 1e-5):
+  """Two run_steps results: per-step losses (relative) and params / teacher / optimizer state
+  (absolute and relative) within `tol`."""
+  import numpy as np
+  (sa, ma, _), (sb, mb, _) = run_a, run_b
+  for a, b in zip(ma, mb):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=tol)
+  for ta, tb in ((sa.params, sb.params), (sa.teacher, sb.teacher), (sa.opt_state, sb.opt_state)):
+    for a, b in zip(jax.tree_util.tree_leaves(ta), jax.tree_util.tree_leaves(tb)):
+      np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
+
+
+def step_once_keeps_shardings(cfg, built):
+  """One step from init on device; asserts every output leaf has its declared sharding and
+  returns the new (device) state."""
+  state = built.init(0)
+  out, _ = built.step(state, build_lib.to_global(text_data.example_batch(cfg, cfg.batch_size),
+                                                 built.batch_shardings))
+  jax.block_until_ready(out)
+  for leaf, want in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(built.state_shardings)):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+  return out

@@ -7,7 +7,7 @@ import pytest
 
 from d2v_jax import build as build_lib, step as step_lib
 from d2v_jax.data import text as text_data
-from step_utils import run_steps, tiny_text_config
+from step_utils import assert_same_training, run_steps, step_once_keeps_shardings, tiny_text_config
 
 
 def _targets(built, state, batch):
@@ -75,21 +75,10 @@ def test_nonfinite_step_is_skipped():
 def test_sharded_step_equals_single_device(mesh):
   """8 fake devices vs 1: losses within 1e-5 relative, params within 1e-5 abs after 3 steps."""
   cfg = tiny_text_config(**{f"mesh.{k}": v for k, v in mesh.items()})
-  single = tiny_text_config()
-  s1, m1, _ = run_steps(single, 3, devices=jax.devices()[:1])
-  s8, m8, built = run_steps(cfg, 3, devices=jax.devices()[:8])
-  for a, b in zip(m1, m8):
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-  for tree1, tree8 in ((s1.params, s8.params), (s1.teacher, s8.teacher), (s1.opt_state, s8.opt_state)):
-    for a, b in zip(jax.tree_util.tree_leaves(tree1), jax.tree_util.tree_leaves(tree8)):
-      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-  # Declared shardings are kept on every output leaf.
-  state = built.init(0)
-  out, _ = built.step(state, build_lib.to_global(text_data.example_batch(cfg, cfg.batch_size),
-                                                 built.batch_shardings))
-  jax.block_until_ready(out)
-  for leaf, want in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(built.state_shardings)):
-    assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+  single = run_steps(tiny_text_config(), 3, devices=jax.devices()[:1])
+  sharded = run_steps(cfg, 3, devices=jax.devices()[:8])
+  assert_same_training(single, sharded, 1e-5)
+  step_once_keeps_shardings(cfg, sharded[2])   # declared shardings kept on every output leaf
 
 
 def test_bfloat16_compute_keeps_float32_master_teacher_and_optimizer():

@@ -1,0 +1,167 @@
+"""AOT compile of the real train step for TPU topologies (libtpu, no TPU) and its CPU fallback.
+
+The TPU tests need libtpu (requirements-tpu.txt) and are skipped with that reason without it;
+the CPU-fallback tests always run.
+"""
+
+import importlib.util
+import json
+
+import pytest
+
+from d2v_jax import compile as C
+from step_utils import tiny_text_config
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install -r requirements-tpu.txt)")
+
+# Wide enough (hidden 256, mlp 1024) that matmuls are > 90 % of the step's FLOPs; with
+# hidden 64 GELU / softmax / LayerNorm / Adam add ~20 %.
+WIDE = {"model.encoder.hidden": 256, "model.encoder.mlp_dim": 1024, "model.encoder.heads": 4,
+        "data.block_size": 32, "batch_size": 16, "model.encoder.dropout": 0.0,
+        "model.encoder.attention_dropout": 0.0, "model.embed_dropout": 0.0}
+
+
+def test_topology_names():
+  cases = {"v5e-8": ((2, 4), 8, "v5e:2x4"), "v5litepod-16": ((4, 4), 16, "v5e:4x4"),
+           "v4-8": ((2, 2, 1), 4, "v4:2x2x1"), "v5p-16": ((2, 2, 2), 8, "v5:2x2x2"),
+           "v6e-8": ((2, 4), 8, "v6e:2x4"), "v5e:2x2": ((2, 2), 4, "v5e:2x2"),
+           "v4:2x2x2": ((2, 2, 2), 8, "v4:2x2x2")}
+  for name, (shape, n, lib) in cases.items():
+    t = C.parse_topology(name)
+    assert (t.shape, t.num_devices, t.libtpu_name) == (shape, n, lib), name
+  assert C.parse_topology("v5e-16", num_slices=2).num_devices == 32
+  with pytest.raises(ValueError, match="unknown TPU generation 'v9'"):
+    C.parse_topology("v9-8")
+  with pytest.raises(ValueError, match="no standard slice with 3 chips"):
+    C.parse_topology("v5e-3")
+  with pytest.raises(ValueError, match="N must be even"):
+    C.parse_topology("v4-9")
+
+
+def test_analytic_flops_hand_count():
+  """Text tiny (2 layers, hidden 64, mlp 256, 2-layer x2 head), 32 x 64 tokens. Per token:
+  a block's forward is 8*64^2 + 4*64*256 + 4*64*64 = 114688, the head 8*64^2 = 32768;
+  teacher 2 blocks, student 2 blocks + head, backward 2x the student:
+  2048 * (229376 + 3 * 262144) = 2080374784."""
+  cfg = tiny_text_config()
+  f = C.analytic_flops(cfg, batch=32, seq_len=64)
+  assert f["teacher_fwd"] == 2048 * 229376
+  assert f["student_bwd"] == 2 * f["student_fwd"] == 2 * 2048 * 262144
+  assert f["total"] == 2080374784
+
+
+def _check_figures(r: C.Report, n_devices: int):
+  mem = r.memory
+  assert mem["argument"] > 0 and mem["temp"] > 0 and mem["code"] >= 0  # CPU reports no code size
+  # Arguments hold the whole state shard (params + teacher + optimizer) and the batch.
+  assert mem["argument"] >= sum(r.state_bytes.values())
+  assert mem["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["code"]
+  assert r.fits and r.num_devices == n_devices
+  # The traced step's matmuls are exactly the analytic count (same formula, other source).
+  assert r.traced_matmul_flops == pytest.approx(r.model_flops, rel=1e-9)
+  # XLA's FLOPs (loop bodies scaled) agree with the analytic count within 10 %.
+  per_device = r.model_flops / n_devices
+  assert 1.0 <= r.flops_per_device / per_device < 1.10, (r.flops_per_device, per_device)
+  assert r.xla_flops_raw <= r.flops_per_device
+  assert r.est_step_s > 0 and 0 < r.est_mfu <= 1
+
+
+@needs_libtpu
+def test_aot_compile_for_tpu_v5e_cli(tmp_path, capsys):
+  out = tmp_path / "r.json"
+  argv = ["compile", "--config", "configs/text.py:variant=tiny", "--topology", "v5e-4",
+          "--config.model.vocab_size=96", f"--json={out}"] + [f"--config.{k}={v}" for k, v in WIDE.items()]
+  assert C.main(argv) == C.EXIT_OK
+  text = capsys.readouterr().out
+  assert "[tpu]" in text and "-> fits" in text and "of 15.75 GiB HBM" in text
+  r = C.Report(**json.loads(out.read_text()))
+  assert r.backend == "tpu" and r.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+  _check_figures(r, 4)
+  # On TPU the layers are a loop that XLA counts once: its raw figure misses one of 2 layers.
+  assert r.xla_flops_raw < 0.8 * r.flops_per_device
+
+
+def test_aot_compile_cpu_fallback():
+  topo = C.parse_topology("v5e-4")
+  devices, backend = C.target_devices(topo, force_cpu=True)
+  assert backend.startswith("cpu-fallback") and len(devices) == 4
+  assert all(d.platform == "cpu" for d in devices)
+  r = C.compile_step(tiny_text_config(**WIDE), topo, devices=devices, backend=backend)
+  _check_figures(r, 4)
+
+
+def test_step_that_does_not_fit_exits_nonzero(capsys):
+  # A 20M-token vocabulary: 4.8 GiB of f32 embedding per copy, replicated (pure data
+  # parallel); params + 2 Adam moments + gradients > 15.75 GiB of v5e HBM.
+  argv = ["compile", "--config", "configs/text.py:variant=tiny", "--topology", "v5e-4",
+          "--config.model.vocab_size=20000000", "--config.data.block_size=16",
+          "--config.batch_size=8"]
+  if importlib.util.find_spec("libtpu") is None:
+    argv.append("--fallback")
+  assert C.main(argv) == C.EXIT_NO_FIT
+  err = capsys.readouterr().err
+  assert "does not fit TPU v5e HBM (15.75 GiB per device)" in err
+  assert "--config.mesh.preset=fsdp" in err
+
+
+def test_batch_search_finds_the_edge_in_few_compiles(monkeypatch):
+  """A fake compiler whose memory is 1 GiB + 0.3 GiB per example (v5e: 15.75 GiB): the
+  largest fitting per-device batch is 49. The search brackets it within 1/8 in <= 4 compiles."""
+  topo = C.parse_topology("v5e-8")
+  calls = []
+
+  def fake_compile(cfg, topo_, *, devices=None, backend="tpu"):
+    b = cfg.batch_size // 8
+    calls.append(b)
+    total = (1.0 + 0.3 * b) * C.GiB
+    r = C.Report(**{f.name: None for f in C.dataclasses.fields(C.Report)})
+    r.memory = {"total": total, "temp": 0.3 * b * C.GiB}
+    r.fits, r.compile_s = total <= topo_.chip.hbm_gib * C.GiB, 0.0
+    return r
+
+  monkeypatch.setattr(C, "compile_step", fake_compile)
+  lo, hi, seen = C.search_batch(tiny_text_config(), topo, None, "tpu", start=8, log=lambda s: None)
+  assert lo == 49 and hi is not None and hi - lo <= 49 // 8
+  assert calls[:2] == [8, 49] and len(calls) <= 4
+
+  # Nothing fits at the start (compiler OOM, no memory figures): halve until something does.
+  def oom_above_3(cfg, topo_, *, devices=None, backend="tpu"):
+    b = cfg.batch_size // 8
+    r = C.Report(**{f.name: None for f in C.dataclasses.fields(C.Report)})
+    r.memory, r.fits, r.compile_s = ({}, False, 0.0) if b > 3 else (
+        {"total": C.GiB, "temp": 0.1 * C.GiB * b}, True, 0.0)
+    return r
+
+  monkeypatch.setattr(C, "compile_step", oom_above_3)
+  lo, hi, _ = C.search_batch(tiny_text_config(), topo, None, "tpu", start=16, log=lambda s: None)
+  assert (lo, hi) == (3, 4)
+
+
+def test_table_goes_between_markers(tmp_path):
+  path = tmp_path / "scale.md"
+  path.write_text(f"# Scale\n\nintro\n\n{C.TABLE_BEGIN}\nold\n{C.TABLE_END}\n\noutro\n")
+  rep = C.Report(**{f.name: None for f in C.dataclasses.fields(C.Report)})
+  rep = C.dataclasses.asdict(rep) | {
+      "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "memory": {"total": 15 * C.GiB},
+      "hbm_bytes": 15.75 * C.GiB, "flops_per_device": 2.5e12, "est_step_s": 0.02, "est_mfu": 0.61}
+  C.write_markdown(str(path), [{"entry": "text:base", "topology": "v5e-8", "report": rep,
+                                "largest_batch": 49, "first_failing": 55}])
+  text = path.read_text()
+  assert text.startswith("# Scale\n\nintro\n\n") and text.endswith("\n\noutro\n") and "old" not in text
+  assert ("| text:base | v5e-8 | 1x8x1 | 49 (55 does not fit) | 15.0 of 15.75 GiB | 2.5 T | 20 ms "
+          "| 61% |") in text
+
+
+@needs_libtpu
+def test_aot_compile_two_slices():
+  """Two v5e 2x2 slices joined over DCN, preset fsdp: data spans the slices, fsdp the chips
+  of each; the step compiles and the parameter shards are 1/4 (fsdp=4) of the whole."""
+  topo = C.parse_topology("v5e-4", num_slices=2)
+  devices, backend = C.target_devices(topo)
+  cfg = tiny_text_config(**{"mesh.preset": "fsdp", "batch_size": 16})
+  r = C.compile_step(cfg, topo, devices=devices, backend=backend)
+  assert r.mesh == {"data": 2, "fsdp": 4, "tensor": 1} and r.num_devices == 8
+  assert r.fits and r.memory["temp"] > 0 and r.flops_per_device > 0
+  # Tiny text params: 155776 floats; 1024 of them (biases without an embed axis) stay whole.
+  assert r.state_bytes["params"] == 4 * ((155776 - 1024) // 4 + 1024)
