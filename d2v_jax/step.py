@@ -61,7 +61,9 @@ def teacher_targets(model, params, teacher, batch, cfg, *, with_layers: bool = F
 def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
   n_extra = model.embed.num_extra_tokens
   mask = batch["mask"]
-  y, valid, top = teacher_targets(model, state.params, state.teacher, batch, cfg, with_layers=True)
+  # The named scopes label the step's phases in profiles (python -m d2v_jax.bench profile).
+  with jax.named_scope("teacher"):
+    y, valid, top = teacher_targets(model, state.params, state.teacher, batch, cfg, with_layers=True)
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -73,11 +75,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
     return loss, (pred, n)
 
   (loss, (pred, n_masked)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = _global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  tau = ema.tau_from_config(state.step, cfg.teacher)
-  teacher = ema.ema_update(state.teacher, ema.teacher_view(params, state.teacher.keys()), tau)
+  with jax.named_scope("optimizer"):
+    grad_norm = _global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("ema"):
+    tau = ema.tau_from_config(state.step, cfg.teacher)
+    teacher = ema.ema_update(state.teacher, ema.teacher_view(params, state.teacher.keys()), tau)
 
   # A non-finite loss or gradient skips the update: params, teacher and optimizer state stay.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -85,21 +89,22 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
   new_state = state.replace(
       step=state.step + 1, params=keep(params, state.params), teacher=keep(teacher, state.teacher),
       opt_state=keep(opt_state, state.opt_state))
-  metrics = {
-      "loss": loss,
-      "lr": lr_fn(state.step),
-      "tau": tau,
-      "grad_norm": grad_norm,
-      "param_norm": _global_norm(new_state.params),
-      "target_var": T.masked_std_mean(y, mask),
-      "pred_var": T.masked_std_mean(pred, mask),
-      "masked_frac": n_masked / mask.size,
-      "nonfinite": 1 - finite.astype(jnp.int32),
-      **health.step_metrics(pred=pred, target=y, mask=mask, top=top, valid=valid,
-                            teacher=new_state.teacher,
-                            student_view=ema.teacher_view(new_state.params, new_state.teacher.keys()),
-                            cfg=cfg),
-  }
+  with jax.named_scope("metrics"):
+    metrics = {
+        "loss": loss,
+        "lr": lr_fn(state.step),
+        "tau": tau,
+        "grad_norm": grad_norm,
+        "param_norm": _global_norm(new_state.params),
+        "target_var": T.masked_std_mean(y, mask),
+        "pred_var": T.masked_std_mean(pred, mask),
+        "masked_frac": n_masked / mask.size,
+        "nonfinite": 1 - finite.astype(jnp.int32),
+        **health.step_metrics(pred=pred, target=y, mask=mask, top=top, valid=valid,
+                              teacher=new_state.teacher,
+                              student_view=ema.teacher_view(new_state.params, new_state.teacher.keys()),
+                              cfg=cfg),
+    }
   return new_state, metrics
 
 

@@ -12,9 +12,20 @@ import platform
 import time
 
 
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
 def machine() -> dict:
   """What the numbers were measured on."""
-  return {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+  return {"cpu": cpu_model(), "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
           "platform": platform.platform(), "python": platform.python_version(),
           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -23,10 +34,19 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
   def cell(v):
     if isinstance(v, float):
       return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+    if isinstance(v, (list, dict)):
+      return ""
     return str(v)
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def out_path(out: str, name: str) -> str:
+  """--out is a directory (NAME.json goes in it) or a .json file path."""
+  if not out:
+    return ""
+  return out if out.endswith(".json") else os.path.join(out, f"{name}.json")
 
 
 def report(name: str, rows: list[dict], columns: list[str], out: str, **meta) -> str:

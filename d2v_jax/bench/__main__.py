@@ -8,11 +8,32 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 BENCHMARKS = {
-    "input": "d2v_jax.bench.input",   # host input pipeline (tf.data + masking), 1 core / all
+    "step": "d2v_jax.bench.step",         # our jitted step vs a PyTorch reference, per modality
+    "mfu": "d2v_jax.bench.mfu",           # model FLOPs / step time vs a measured matmul peak
+    "input": "d2v_jax.bench.input",       # host input pipeline (tf.data + masking), 1 core / all
+    "compile": "d2v_jax.bench.compile",   # compile time of the step per modality and size
+    "memory": "d2v_jax.bench.memory",     # peak host RSS of a tiny training run per modality
+    "profile": "d2v_jax.bench.profile",   # where the step's time goes (XLA thunk traces)
 }
+
+
+def _environment(name: str) -> None:
+  """Process-wide settings that must precede the first jax / transformers import."""
+  os.environ.setdefault("USE_TF", "0")                 # transformers: no TF model classes
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  # A libtpu wheel in the venv (TPU AOT compiles) makes jax probe for a TPU and print
+  # warnings on a host without one; the benchmarks run on whatever JAX_PLATFORMS says.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  if name == "profile":
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_enable_xprof_traceme" not in flags:
+      os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 
 def main(argv: list[str]) -> int:
@@ -23,9 +44,10 @@ def main(argv: list[str]) -> int:
     module = importlib.import_module(module_name)
     p = sub.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
     module.add_args(p)
-    p.set_defaults(run=module.main)
+    p.set_defaults(bench_main=module.main)
   args = parser.parse_args(argv)
-  return args.run(args)
+  _environment(args.benchmark)
+  return args.bench_main(args)
 
 
 if __name__ == "__main__":

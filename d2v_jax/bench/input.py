@@ -1,6 +1,15 @@
 """Host input pipeline throughput (read, gather, mask, batch) with tf.data on 1 core and all cores.
 
-  python -m d2v_jax.bench input --modality text [--quick] [--out bench_results/input.json]
+  python -m d2v_jax.bench input [--modality text|vision|audio|all] [--sizes small] [--quick]
+      [--config SPEC ... | --production] [--no-step] [--out DIR]
+
+Which configs: by default the step benchmark's problems (d2v_jax/bench/setups.py: the
+modality's runlocal data and recipe at --sizes, batch 16), so the pipeline can be set next
+to the train step at the same batch and shapes: "step examples/s" is batch / median time
+of our jitted step on that config, and "input/step" says how many times faster the host
+delivers than the step consumes (< 1: training is input-bound). --config specs (or
+--production: the runlocal corpus at the production sequence shape, batch 256) measure the
+pipeline alone unless --step is given.
 
 Each config (--config, repeatable) is prepared once (timed), then its per-process pipeline
 (`d2v_jax.data.<modality>.tf_dataset`) is drained for --repeats rounds of --batches batches
@@ -26,19 +35,31 @@ DEFAULTS = {
 }
 
 
+COLUMNS = ["config", "cores", "batch", "positions", "examples/s", "tokens/s", "ms/batch",
+           "step examples/s", "input/step"]
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--modality", default="text")
+  p.add_argument("--modality", default="text", help="text | vision | audio | all")
+  p.add_argument("--sizes", default="small", help="benchmark problem sizes (default mode)")
+  p.add_argument("--production", action="store_true",
+                 help="the modality's runlocal corpus at production shapes, batch 256")
+  p.add_argument("--step", dest="step", action="store_true", default=None,
+                 help="also time our train step on each config (default: on in default mode)")
+  p.add_argument("--no-step", dest="step", action="store_false")
+  p.add_argument("--step-reps", type=int, default=0, help="timed steps (default 5, quick 2)")
   p.add_argument("--config", action="append", default=None,
                  help="config spec (repeatable); default: the modality's runlocal config(s)")
   p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                  help="config override applied to every config, e.g. data.block_size=512")
-  p.add_argument("--batch-size", type=int, default=256, help="per-process batch")
+  p.add_argument("--batch-size", type=int, default=0,
+                 help="per-process batch (default: 16, --production 256, quick 8)")
   p.add_argument("--batches", type=int, default=0, help="batches per round (default 100, quick 20)")
   p.add_argument("--repeats", type=int, default=0,
                  help="timed rounds, the best is reported (default 3, quick 1)")
   p.add_argument("--quick", action="store_true", help="one config, few batches (CI smoke)")
   p.add_argument("--workdir", default="", help="tokenizer/cache dir (default /tmp/d2v_bench_<m>)")
-  p.add_argument("--out", default="bench_results/input.json")
+  p.add_argument("--out", default="bench_results")
 
 
 def _override(cfg, item: str) -> None:
@@ -59,71 +80,123 @@ def _override(cfg, item: str) -> None:
     node[leaf] = type(old)(value)
 
 
-def _measure(ds, warmup: int, batches: int, repeats: int) -> tuple[list[float], int, int, int]:
+def _measure(ds, warmup: int, batches: int, repeats: int) -> tuple[list[float], int, int]:
   """Seconds per round of `batches` batches (after `warmup`); examples and mask positions
-  per batch; audio samples read in all rounds (0 for other modalities). Rounds follow each other on one iterator; the fastest is the least disturbed
+  per batch. Rounds follow each other on one iterator; the fastest is the least disturbed
   by other processes on a shared machine."""
   it = ds.as_numpy_iterator()
   for _ in range(warmup):
     b = next(it)
-  rounds, samples = [], 0
+  rounds = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(batches):
       b = next(it)
-      samples += int(b["audio_len"].sum()) if "audio_len" in b else 0  # real (unpadded) audio
     rounds.append(time.perf_counter() - t0)
-  return rounds, b["mask"].shape[0], b["mask"].size, samples
+  return rounds, b["mask"].shape[0], b["mask"].size
+
+
+def step_examples_per_s(cfg, reps: int, problem: tuple | None = None) -> tuple[float, float]:
+  """(examples/s our jitted step consumes on cfg's shapes and batch, median step seconds).
+  A benchmark problem's config reuses the step benchmarks' shared build."""
+  import jax
+  from d2v_jax import build as build_lib
+  from d2v_jax.bench import setups, timing
+  if problem is not None:
+    m, size, b, over = problem
+    s = setups.make(m, size, batch_size=b, overrides=over)
+    built, holder, batch = s.built, {"state": s.state}, s.global_batch
+  else:
+    built = build_lib.build(cfg, devices=jax.devices()[:1])
+    holder = {"state": built.init(cfg.seed)}
+    batch = build_lib.to_global(setups.batch(cfg), built.batch_shardings)
+
+  def one():
+    holder["state"], m = built.step(holder["state"], batch)
+    jax.block_until_ready((holder["state"], m))
+
+  one()
+  one()
+  secs = timing.median(timing.run_interleaved({"step": one}, reps)["step"]["wall"])
+  return cfg.batch_size / secs, secs
+
+
+def _configs(args, modality: str) -> tuple[list[tuple], list[str], bool]:
+  """[(label, cfg, benchmark problem or None)], overrides to apply, whether to time the
+  step by default."""
+  from d2v_jax import config as config_lib
+  from d2v_jax.bench import setups
+  sets = list(args.set or [])
+  if args.config or args.production:
+    fallback = ([f"configs/{modality}.py:variant=base,runlocal"], [])
+    specs, default_sets = DEFAULTS.get(modality, fallback)
+    specs = args.config or specs[:1 if args.quick else None]
+    sets = ([] if args.config else default_sets) + sets
+    out = []
+    for spec in specs:
+      cfg = config_lib.load_file(spec)
+      cfg.batch_size = args.batch_size or (8 if args.quick else 256)
+      out.append((spec.split("/")[-1], cfg, None))
+    return out, sets, False
+  sizes = ["tiny"] if args.quick else [x.strip() for x in args.sizes.split(",") if x.strip()]
+  batch = args.batch_size or (setups.QUICK_BATCH if args.quick else setups.BATCH)
+  over = setups.QUICK if args.quick and modality == "text" else None
+  out = []
+  for size in sizes:
+    cfg = setups.config(modality, size, batch_size=batch, overrides=over)
+    out.append((f"{modality} {size} (bench)", cfg, (modality, size, batch, over)))
+  return out, sets, True
 
 
 def main(args: argparse.Namespace) -> int:
   import tensorflow as tf
 
-  from d2v_jax import config as config_lib
   from d2v_jax import modality as modality_lib
+  from d2v_jax.bench import setups
 
-  mod = modality_lib.load(args.modality)
-  fallback = ([f"configs/{args.modality}.py:variant=base,runlocal"], [])
-  specs, sets = DEFAULTS.get(args.modality, fallback)
-  specs = args.config or specs[:1 if args.quick else None]
-  sets = sets + (args.set or [])
+  mods = setups.modalities(args.modality)
   batches = args.batches or (20 if args.quick else 100)
   repeats = args.repeats or (1 if args.quick else 3)
   warmup = 3 if args.quick else 10
-  workdir = args.workdir or f"/tmp/d2v_bench_{args.modality}"
-  if not hasattr(mod.data, "tf_dataset"):
-    raise SystemExit(f"d2v_jax.data.{args.modality} has no tf_dataset(); the input benchmark needs "
-                     "the tf.data pipeline to set its threading options")
-
-  rows, prep = [], {}
-  for spec in specs:
-    cfg = config_lib.load_file(spec)
-    for item in sets:
-      _override(cfg, item)
-    cfg.batch_size = args.batch_size
-    mod.data.validate(cfg)
-    t0 = time.perf_counter()
-    mod.data.prepare(cfg, workdir)
-    prep[spec] = round(time.perf_counter() - t0, 2)
-    for label, cores in (("1", 1), ("all", os.cpu_count())):
-      ds = mod.data.tf_dataset(cfg, workdir, start_step=0, process_index=0, process_count=1)
-      opts = tf.data.Options()
-      if cores == 1:
-        opts.threading.private_threadpool_size = 1
-        opts.threading.max_intra_op_parallelism = 1
-        opts.autotune.cpu_budget = 1
-      rounds, b, positions, samples = _measure(ds.with_options(opts), warmup, batches, repeats)
-      secs = min(rounds)
-      audio = {"audio s/s": samples / cfg.data.sample_rate / sum(rounds)} if samples else {}
-      rows.append({"config": spec.split("/")[-1], "cores": f"{label} ({cores})",
-                   "batch": b, "positions": positions // b,
-                   "examples/s": batches * b / secs, "tokens/s": batches * positions / secs,
-                   "ms/batch": 1e3 * secs / batches,
-                   "examples/s per round": [round(batches * b / r, 1) for r in rounds], **audio})
-  columns = ["config", "cores", "batch", "positions", "examples/s", "tokens/s", "ms/batch"]
-  bench.report("input", rows, columns + (["audio s/s"] if rows and "audio s/s" in rows[0] else []),
-               args.out,
-               modality=args.modality, overrides=sets, batches=batches, repeats=repeats,
-               warmup=warmup,
-               prepare_s=prep)
+  step_reps = args.step_reps or (2 if args.quick else 5)
+  rows, prep, all_sets = [], {}, {}
+  for m in mods:
+    mod = modality_lib.load(m)
+    workdir = args.workdir or f"/tmp/d2v_bench_{m}"
+    if not hasattr(mod.data, "tf_dataset"):
+      raise SystemExit(f"d2v_jax.data.{m} has no tf_dataset(); the input benchmark needs "
+                       "the tf.data pipeline to set its threading options")
+    configs, sets, step_default = _configs(args, m)
+    all_sets[m] = sets
+    time_step = step_default if args.step is None else args.step
+    for label, cfg, problem in configs:
+      for item in sets:
+        _override(cfg, item)
+      mod.data.validate(cfg)
+      t0 = time.perf_counter()
+      mod.data.prepare(cfg, workdir)
+      prep[label] = round(time.perf_counter() - t0, 2)
+      step_eps, step_s = (step_examples_per_s(cfg, step_reps, problem) if time_step
+                          else (None, None))
+      for core_label, cores in (("1", 1), ("all", os.cpu_count())):
+        ds = mod.data.tf_dataset(cfg, workdir, start_step=0, process_index=0, process_count=1)
+        opts = tf.data.Options()
+        if cores == 1:
+          opts.threading.private_threadpool_size = 1
+          opts.threading.max_intra_op_parallelism = 1
+          opts.autotune.cpu_budget = 1
+        rounds, b, positions = _measure(ds.with_options(opts), warmup, batches, repeats)
+        secs = min(rounds)
+        row = {"config": label, "cores": f"{core_label} ({cores})",
+               "batch": b, "positions": positions // b,
+               "examples/s": batches * b / secs, "tokens/s": batches * positions / secs,
+               "ms/batch": 1e3 * secs / batches,
+               "examples/s per round": [round(batches * b / r, 1) for r in rounds]}
+        if step_eps:
+          row.update({"step examples/s": step_eps, "input/step": row["examples/s"] / step_eps,
+                      "step ms": 1e3 * step_s})
+        rows.append(row)
+  bench.report("input", rows, COLUMNS, bench.out_path(args.out, "input"),
+               modality=args.modality, overrides=all_sets, batches=batches, repeats=repeats,
+               warmup=warmup, prepare_s=prep)
   return 0
