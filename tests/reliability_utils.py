@@ -83,22 +83,25 @@ def write_wavs(out_dir: str, n: int = 8, seconds: float = 1.0, rate: int = 16_00
   return os.path.join(out_dir, "*.wav")
 
 
-def vision_args(image_dir: str, **overrides) -> list[str]:
-  keys = {"data.path": image_dir, "model.image_size": 32, "data.min_mask_block": 4,
-          "batch_size": 8, "total_steps": 4, "checkpoint_every": 2, "log_every": 1,
-          "optim.warmup_steps": 1, "keep_checkpoints": 5}
-  keys.update(overrides)
-  return ["--config", "configs/vision.py:variant=tiny,runlocal"] + [
+# A short run of a tiny runlocal config: 4 steps, a checkpoint every 2, every step logged.
+SHORT_RUN = {"batch_size": 8, "total_steps": 4, "checkpoint_every": 2, "log_every": 1,
+             "optim.warmup_steps": 1, "keep_checkpoints": 5}
+
+
+def _short_run_args(modality: str, data_keys: dict, overrides: dict) -> list[str]:
+  keys = {**data_keys, **SHORT_RUN, **overrides}
+  return ["--config", f"configs/{modality}.py:variant=tiny,runlocal"] + [
       f"--config.{k}={v}" for k, v in keys.items()]
+
+
+def vision_args(image_dir: str, **overrides) -> list[str]:
+  return _short_run_args("vision", {"data.path": image_dir, "model.image_size": 32,
+                                    "data.min_mask_block": 4}, overrides)
 
 
 def audio_args(wav_glob: str, **overrides) -> list[str]:
-  keys = {"data.path": wav_glob, "data.max_samples": 16_000, "data.min_samples": 8_000,
-          "batch_size": 8, "total_steps": 4, "checkpoint_every": 2, "log_every": 1,
-          "optim.warmup_steps": 1, "keep_checkpoints": 5}
-  keys.update(overrides)
-  return ["--config", "configs/audio.py:variant=tiny,runlocal"] + [
-      f"--config.{k}={v}" for k, v in keys.items()]
+  return _short_run_args("audio", {"data.path": wav_glob, "data.max_samples": 16_000,
+                                   "data.min_samples": 8_000}, overrides)
 
 
 def parse(args: list[str]):
