@@ -495,23 +495,6 @@ TABLE_TOPOLOGIES = ("v5e-8", "v5p-8")
 TABLE_OVERRIDES = ("dtype=bfloat16", "mesh.preset=fsdp")
 
 
-def apply_overrides(cfg, overrides) -> None:
-  """`key.sub=value` strings onto a ConfigDict, converting to the existing value's type."""
-  for item in overrides:
-    key, _, value = item.partition("=")
-    node = cfg
-    *head, last = key.split(".")
-    for h in head:
-      node = node[h]
-    old = node.get(last) if last in node else None
-    if isinstance(old, bool):
-      node[last] = value.lower() in ("1", "true", "yes")
-    elif isinstance(old, (int, float)) and not isinstance(old, bool):
-      node[last] = type(old)(value)
-    else:
-      node[last] = value
-
-
 TABLE_CACHE = "docs/scale.jsonl"
 
 
@@ -536,7 +519,8 @@ def table(path: str, entries=TABLE_ENTRIES, topologies=TABLE_TOPOLOGIES,
       if (entry, tname) in done:
         continue
       cfg = config_lib.load_file(f"configs/{modality}.py:variant={variant}")
-      apply_overrides(cfg, list(overrides) + (extra[0].split(",") if extra else []))
+      for item in list(overrides) + (extra[0].split(",") if extra else []):
+        config_lib.apply_override(cfg, item)
       topo = parse_topology(tname)
       devices, backend = target_devices(topo, force_cpu)
       print(f"{entry} on {topo.describe()} [{backend}]", flush=True)

@@ -119,6 +119,38 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
+def set_path(cfg: ml_collections.ConfigDict, key: str, value) -> None:
+  """cfg["a"]["b"]["c"] = value for key "a.b.c"."""
+  *parents, leaf = key.split(".")
+  node = cfg
+  for k in parents:
+    node = node[k]
+  node[leaf] = value
+
+
+def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
+  """A "a.b.c=VALUE" string onto an existing key, converted to the type of its value
+  (bool: 1/true/yes; int, float; anything else stays the string), for tools that take
+  overrides as strings rather than --config.KEY flags."""
+  key, eq, value = item.partition("=")
+  *parents, leaf = key.split(".")
+  node = cfg
+  try:
+    for k in parents:
+      node = node[k]
+  except (KeyError, AttributeError, TypeError):
+    node = None
+  if not eq or node is None or leaf not in node:
+    raise ConfigError(f"override {item!r}: expected KEY=VALUE with an existing key")
+  old = node[leaf]
+  if isinstance(old, bool):
+    node[leaf] = value.lower() in ("1", "true", "yes")
+  elif isinstance(old, (int, float)):
+    node[leaf] = type(old)(value)
+  else:
+    node[leaf] = value
+
+
 def die(msg: str, code: int = 2) -> None:
   print(f"error: {msg}", file=sys.stderr)
   raise SystemExit(code)

@@ -16,11 +16,7 @@ def tiny_text_config(**overrides):
   cfg.optim.warmup_steps = 2
   cfg.optim.lr = 1e-3
   for k, v in overrides.items():
-    node = cfg
-    *head, last = k.split(".")
-    for h in head:
-      node = node[h]
-    node[last] = v
+    config_lib.set_path(cfg, k, v)
   return cfg
 
 

@@ -165,3 +165,17 @@ def test_aot_compile_two_slices():
   assert r.fits and r.memory["temp"] > 0 and r.flops_per_device > 0
   # Tiny text params: 155776 floats; 1024 of them (biases without an embed axis) stay whole.
   assert r.state_bytes["params"] == 4 * ((155776 - 1024) // 4 + 1024)
+
+
+def test_string_overrides_take_the_type_of_the_existing_value():
+  """config.apply_override (compile --table entries, bench input --set)."""
+  from d2v_jax import config as config_lib
+  cfg = tiny_text_config()
+  for item in ("model.encoder.remat=full", "dtype=bfloat16", "batch_size=32",
+               "optim.lr=0.002", "model.encoder.scan=false"):
+    config_lib.apply_override(cfg, item)
+  assert (cfg.model.encoder.remat, cfg.dtype, cfg.batch_size, cfg.optim.lr,
+          cfg.model.encoder.scan) == ("full", "bfloat16", 32, 0.002, False)
+  for bad in ("model.encoder.no_such_key=1", "no_such.parent=1", "batch_size"):
+    with pytest.raises(config_lib.ConfigError, match="expected KEY=VALUE with an existing key"):
+      config_lib.apply_override(cfg, bad)

@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from d2v_jax import config as config_lib
-from d2v_jax.config import ConfigError
+from d2v_jax.config import ConfigError, set_path
 from d2v_jax.data import vision as V
 from conftest import ROOT
 
@@ -293,10 +293,7 @@ def test_base_config_matches_released_recipe():
 ])
 def test_validate_names_the_key(photo_dir, key, value, match):
   cfg = cfg_for(photo_dir)
-  node, leaf = cfg, key.split(".")
-  for k in leaf[:-1]:
-    node = node[k]
-  node[leaf[-1]] = value
+  set_path(cfg, key, value)
   with pytest.raises(ConfigError, match=match):
     V.validate(cfg)
 

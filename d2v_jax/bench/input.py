@@ -62,24 +62,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", default="bench_results")
 
 
-def _override(cfg, item: str) -> None:
-  from d2v_jax.config import ConfigError
-  key, eq, value = item.partition("=")
-  *parents, leaf = key.split(".")
-  node = cfg
-  for k in parents:
-    node = node[k]
-  if not eq or leaf not in node:
-    raise ConfigError(f"--set {item!r}: expected KEY=VALUE with an existing key")
-  old = node[leaf]
-  if isinstance(old, bool):
-    node[leaf] = value.lower() in ("1", "true", "yes")
-  elif old is None:
-    node[leaf] = value
-  else:
-    node[leaf] = type(old)(value)
-
-
 def _measure(ds, warmup: int, batches: int, repeats: int) -> tuple[list[float], int, int]:
   """Seconds per round of `batches` batches (after `warmup`); examples and mask positions
   per batch. Rounds follow each other on one iterator; the fastest is the least disturbed
@@ -151,7 +133,7 @@ def _configs(args, modality: str) -> tuple[list[tuple], list[str], bool]:
 def main(args: argparse.Namespace) -> int:
   import tensorflow as tf
 
-  from d2v_jax import modality as modality_lib
+  from d2v_jax import config as config_lib, modality as modality_lib
   from d2v_jax.bench import setups
 
   mods = setups.modalities(args.modality)
@@ -171,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     time_step = step_default if args.step is None else args.step
     for label, cfg, problem in configs:
       for item in sets:
-        _override(cfg, item)
+        config_lib.apply_override(cfg, item)
       mod.data.validate(cfg)
       t0 = time.perf_counter()
       mod.data.prepare(cfg, workdir)

@@ -46,14 +46,6 @@ def repo_root() -> str:
   return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def set_key(cfg, key: str, value) -> None:
-  *parents, leaf = key.split(".")
-  node = cfg
-  for k in parents:
-    node = node[k]
-  node[leaf] = value
-
-
 def config(modality: str, size: str, *, dtype: str = "float32", batch_size: int = BATCH,
            overrides: dict | None = None):
   """The resolved config of a benchmark problem (no data files needed)."""
@@ -73,7 +65,7 @@ def config(modality: str, size: str, *, dtype: str = "float32", batch_size: int 
     cfg.data.vocab_size = TEXT_VOCAB
     cfg.data.block_size = TEXT_LEN
   for k, v in {**over, **(overrides or {})}.items():
-    set_key(cfg, k, v)
+    config_lib.set_path(cfg, k, v)
   cfg.batch_size = batch_size
   cfg.dtype = dtype
   return cfg
