@@ -8,6 +8,15 @@ set -euo pipefail
 todo=("${@:-text vision audio}")
 todo=(${todo[*]})
 
+# vision / audio: probe data set, default runlocal pretraining, one probe task.
+image_or_audio() {  # modality probe_data_name eval_dir
+  python tools/probe_data.py "$2"
+  python -m d2v_jax.train --config "configs/$1.py:variant=tiny,runlocal" --workdir "runs/eval_$1" \
+    --config.checkpoint_every=100 --config.keep_checkpoints=10
+  python -m d2v_jax.probe --workdir "runs/eval_$1" --data "data/eval/$3" --baseline --repeats 3
+  python tools/probe_curve.py --workdir "runs/eval_$1" --data "data/eval/$3"
+}
+
 for m in "${todo[@]}"; do
   case $m in
     text)
@@ -21,20 +30,8 @@ for m in "${todo[@]}"; do
       done
       python tools/probe_curve.py --workdir runs/eval_text --data data/eval/kjv_group.tsv
       ;;
-    vision)
-      python tools/probe_data.py digits
-      python -m d2v_jax.train --config configs/vision.py:variant=tiny,runlocal --workdir runs/eval_vision \
-        --config.checkpoint_every=100 --config.keep_checkpoints=10
-      python -m d2v_jax.probe --workdir runs/eval_vision --data data/eval/digits --baseline --repeats 3
-      python tools/probe_curve.py --workdir runs/eval_vision --data data/eval/digits
-      ;;
-    audio)
-      python tools/probe_data.py audio
-      python -m d2v_jax.train --config configs/audio.py:variant=tiny,runlocal --workdir runs/eval_audio \
-        --config.checkpoint_every=100 --config.keep_checkpoints=10
-      python -m d2v_jax.probe --workdir runs/eval_audio --data data/eval/prompt_words --baseline --repeats 3
-      python tools/probe_curve.py --workdir runs/eval_audio --data data/eval/prompt_words
-      ;;
+    vision) image_or_audio vision digits digits ;;
+    audio) image_or_audio audio audio prompt_words ;;
     *) echo "unknown modality $m (text, vision, audio)" >&2; exit 2 ;;
   esac
 done
