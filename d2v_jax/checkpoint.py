@@ -15,6 +15,7 @@ failed background save raises `CheckpointError` (orbax only logs it) at the next
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import jax
@@ -87,9 +88,15 @@ def all_finite(tree) -> bool:
   return bool(jax.device_get(_all_finite(tree)))
 
 
+# tensorstore appends its whole JSON spec to some errors (which write failed first varies
+# from run to run); the OS error before it is what the user needs.
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='.*'\]$")
+
+
 def first_line(e: BaseException) -> str:
   """One line of an exception; long ones keep both ends (the OS error is usually last)."""
   text = (str(e).strip() or type(e).__name__).splitlines()[0]
+  text = _TENSORSTORE_SPEC.sub("", text)
   return text if len(text) <= 400 else text[:180] + " ... " + text[-220:]
 
 
