@@ -6,7 +6,10 @@
       --config.data.source=files --config.data.path='/data/LibriSpeech/train-*/**/*.flac'
   python -m d2v_jax.train --config configs/audio.py:variant=tiny,runlocal --workdir runs/audio_local
 
-Arguments after the colon: variant=tiny|base|large, runlocal. `large` only scales the
+  python -m d2v_jax.train --config configs/audio.py:variant=base,v2 --workdir runs/audio_base_v2
+  python -m d2v_jax.train --config configs/audio.py:runlocal,v2 --workdir runs/audio_local_v2
+
+Arguments after the colon: variant=tiny|base|large, runlocal, v2 (`runlocal` alone: tiny). `large` only scales the
 encoder (24 x 1024, 16 heads) with the base recipe; its released hyper-parameters were not
 checked (ALGORITHM.md covers base only).
 
@@ -58,7 +61,7 @@ LOCAL_AUDIO = "data/audio/prompts/*.wav"  # relative to the repo root; written b
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, variant="base", runlocal=False)
+  args = common.parse_arg(arg, variant="base")
   if args["variant"] not in SIZES:
     raise ValueError(f"unknown variant {args['variant']!r}; valid: {sorted(SIZES)}")
   c = common.base_config("audio")
@@ -80,6 +83,7 @@ def get_config(arg: str | None = None):
                                    activation_dropout=0.0, layerdrop=0.05)
 
   c.teacher.ema_subtrees = ("encoder",)   # conv front end + positional conv are shared
+  c.teacher.share_local = True            # the teacher reads the student's conv features
   common.tau_schedule(c, 0.999, 0.9999, 30_000)
 
   c.target.top_k = min(8, layers)
@@ -109,12 +113,18 @@ def get_config(arg: str | None = None):
   c.data.sample_rate = 16_000
   c.data.on_bad_rate = "error"       # error | resample
   c.data.normalize = True            # per-utterance zero mean / unit variance (fairseq normalize)
-  c.data.max_samples = 320_000       # crop length (20 s); shorter utterances are padded
+  c.data.max_samples = 320_000       # largest crop (20 s); unbucketed: shorter utterances are padded
   c.data.min_samples = 32_000        # shorter files are left out (source=files)
+  # Length buckets (samples; d2v_jax/data/audio.py): every batch is cut from one bucket, each
+  # clip cropped to the largest bucket <= its length: no padding, one jit shape per bucket.
+  # () = one padded shape of max_samples.
+  c.data.buckets = tuple(s * 16_000 for s in range(2, 21, 2))   # 2, 4, ..., 20 s
+  c.data.batch_multiple = 0          # bucket batches are multiples of this; 0 = jax.device_count()
   c.data.mask_prob = 0.65
   c.data.span = 10
   c.data.min_spans = 1
-  c.data.same_count = True           # fairseq require_same_masks
+  c.data.same_count = True           # exact masked count per row from its valid length (equal lengths: equal counts)
+  c.data.on_bad_file = "error"       # error | skip: unreadable files left out of the index (first one named)
   c.data.threads = 0                 # tf.data private threadpool size; 0 = TF default
 
   if args["runlocal"]:
@@ -124,10 +134,43 @@ def get_config(arg: str | None = None):
     c.data.audio_key = "audio"
     c.data.max_samples = 32_000      # 2 s crops: 99 frames
     c.data.min_samples = 16_000
+    c.data.buckets = (16_000, 24_000, 32_000)  # 1, 1.5, 2 s: keeps every clip of >= 1 s
     c.optim.lr = 1e-3
     c.model.encoder.layerdrop = 0.0
     c.checkpoint_every = 100
     common.tau_schedule(c, 0.99, 0.999, 300)
     c.guards.min_target_var = 0.0
     c.guards.min_pred_var = 0.0
+  if args["v2"]:
+    v2(c, layers, hidden, runlocal=args["runlocal"])
   return c
+
+
+def v2(c, layers: int, hidden: int, runlocal: bool) -> None:
+  """data2vec 2.0 (fairseq config/v2/base_audio_only_task.yaml, ALGORITHM.md §3.7, §3.9) on
+  the same data2vec-audio encoder (ALiBi is not used: the export must load in
+  Data2VecAudioModel). M = 8 clones, 1-D block masks (R 0.5, A 0.05, B 5, exact count per
+  row, computed after the bucketed crop), masked frames zeroed before the positional conv,
+  only visible frames encoded; 4-layer conv decoder (384 ch, kernel 7, 16 groups, residual
+  from block 2, input dropout 0.1); targets = mean of the instance-normalised FFN outputs of
+  the top 8 blocks; L2 x 1/sqrt(D); the teacher reads the student's conv features and EMAs
+  the positional conv and the blocks; EMA 0.999 -> 0.99999 over 75k; Adam(0.9, 0.98, eps
+  1e-6) wd 0.01 lr 7.5e-4, 8k warm-up + cosine, no clipping, 400k updates."""
+  common.v2_recipe(c, clones=8, mask_prob=0.5, mask_adjust=0.05, mask_length=5,
+                   decoder=dict(kind="1d", dim=hidden // 2, kernel=7, groups=16, layers=4,
+                                residual=True, proj_layers=1, input_dropout=0.1))
+  c.teacher.ema_subtrees = ("encoder", "embed/pos_conv_*")
+  c.teacher.share_local = True
+  c.target.top_k = min(8, layers)
+  c.target.layer_norm = "instance"
+  c.target.final_norm = "none"
+  c.loss.beta = 0.0
+  c.loss.scale = None
+  c.loss.reduce_dims = "sum"
+  if runlocal:
+    c.v2.clone_batch = 4
+    c.v2.decoder.layers = 3
+    return
+  common.tau_schedule(c, 0.999, 0.99999, 75_000)
+  c.optim.update(dict(lr=7.5e-4, schedule="cosine", warmup_steps=8_000, clip=0.0,
+                      init_lr_scale=0.0, final_lr_scale=0.0))

@@ -12,7 +12,14 @@ from ml_collections import config_dict
 
 
 def parse_arg(arg: str | None, **defaults) -> dict:
-  """`"variant=base,runlocal"` -> {"variant": "base", "runlocal": True} over `defaults`."""
+  """`"variant=base,runlocal"` -> {"variant": "base", "runlocal": True} over `defaults`.
+
+  Every config takes `variant`, `runlocal` and `v2`; `runlocal` without a variant means the
+  tiny variant (a laptop-sized run), otherwise the variant defaults to base."""
+  defaults.setdefault("runlocal", False)
+  defaults.setdefault("v2", False)
+  variant_default = defaults.get("variant", "base")
+  defaults["variant"] = ""
   out = dict(defaults)
   for item in (arg or "").split(","):
     item = item.strip()
@@ -27,6 +34,8 @@ def parse_arg(arg: str | None, **defaults) -> dict:
       out[key] = value.lower() in ("1", "true", "yes")
     else:
       out[key] = type(out[key])(value)
+  if not out["variant"]:
+    out["variant"] = "tiny" if out["runlocal"] else variant_default
   return out
 
 
@@ -49,8 +58,18 @@ def encoder(num_layers: int, hidden: int, heads: int, mlp_dim: int, **kw) -> ml_
   c.input_norm = False      # LayerNorm on the encoder input (audio post-LN encoder)
   c.final_norm = False      # LayerNorm after the last block (pre-LN stacks)
   c.scan = True             # nn.scan over layers: one compiled block, stacked params
-  c.remat = "none"          # activation rematerialisation: none | full | dots
+  # Activation rematerialisation (transformer.remat_policy): none | full | minimal | save_dots
+  # (alias dots) | save_qkv_out | offload. `python -m d2v_jax.compile --search_batch --remat all`
+  # gives the largest batch per chip for each.
+  c.remat = "none"
   c.scan_unroll = 0         # layers per scan iteration; 0: all of them on CPU (faster there), 1 elsewhere
+  # Attention implementation (transformer.select_attention): auto | xla | cudnn | pallas. auto =
+  # cuDNN fused attention on GPU (bf16), the Pallas flash kernel on TPU, else XLA; attention
+  # dropout > 0 always takes XLA, so attention_dropout=0 is how the student gets fused kernels.
+  c.attention = "auto"
+  # Layout of padded keys ([B,1,1,T] padding bias): any | right (every row's real keys are a
+  # prefix, as the text and audio pipelines make them: cuDNN skips a per-layer key sort).
+  c.key_padding = "any"
   c.update(kw)
   return c
 
@@ -67,6 +86,22 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.batch_size = 256                 # global, across all processes
   c.dtype = "float32"                # compute dtype; params, teacher and optimizer stay float32
   c.export_after = False             # write an HF directory at the end of training
+  # Training objective (d2v_jax/objectives.py): v1 = data2vec 1.0 (student encodes the whole
+  # masked input, regression head); v2 = data2vec 2.0 (M masked clones per example, the
+  # student encodes only the visible tokens, a conv decoder predicts the masked ones).
+  c.objective = "v1"
+  c.v2 = ml_collections.ConfigDict(dict(
+      clone_batch=1,         # M masked clones per example; the teacher runs once per example
+      mask_prob=0.8,         # R: fraction of positions masked (exact count per row)
+      mask_adjust=0.0,       # A: extra block-centre density before the exact-count fix
+      mask_length=1,         # B: block size (vision B x B, audio 1-D), 1 = random (text)
+      mask_noise_std=0.01,   # decoder input at masked positions: N(0, std) noise
+      cls_loss=0.0,          # weight of the extra-token (CLS) loss on the mean target
+      decoder=ml_collections.ConfigDict(dict(
+          kind="1d",           # 1d: convolve over the sequence | 2d: over the patch grid
+          dim=768, kernel=3, groups=16, layers=6, residual=True, proj_layers=1,
+          proj_ratio=2.0, input_dropout=0.0)),
+  ))
 
   # Mesh (d2v_jax/sharding.py): explicit sizes (one may be -1) or a preset that sets them:
   # dp (batch only), fsdp (params/teacher/optimizer over fsdp), fsdp_tp (plus tensor=N).
@@ -78,6 +113,9 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   # Top-level parameter subtrees the teacher keeps its own EMA copy of; every other
   # subtree is shared with (read live from) the student, as fairseq does.
   c.teacher.ema_subtrees = ("encoder",)
+  # The teacher reads the student's local features (conv front end / embeddings) of the
+  # unmasked input instead of computing its own: fairseq audio, data2vec 2.0 text.
+  c.teacher.share_local = False
   c.teacher.tau_start = 0.999
   c.teacher.tau_end = 0.9999
   c.teacher.anneal_steps = 100_000  # linear tau_start -> tau_end, then flat
@@ -103,6 +141,7 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.decay_1d = True            # decay biases/norms too (fairseq Adam does)
   c.optim.no_decay = ()              # substrings of parameter paths never decayed
+  c.optim.decay = ()                 # substrings of parameter paths always decayed (wins)
   c.optim.clip = 0.0                 # global-norm clip; 0 = off
   c.optim.schedule = "cosine"        # cosine | tri_stage | constant
   c.optim.warmup_steps = 1000
@@ -118,6 +157,13 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.guards.max_nonfinite = 10        # consecutive skipped (non-finite) steps before the policy
   c.guards.nonfinite_policy = "stop"  # stop | rollback (data continues past the bad batches)
   c.guards.max_rollbacks = 3         # rollbacks in one launch before the run stops instead
+  # Dimensional collapse (docs/evaluation.md): the in-step effective ranks rank_target /
+  # rank_pred (eval.step_rank_every; 1 = all targets on one line, D = none correlated) below
+  # these absolute floors from step rank_after on; 0 = off.
+  c.guards.min_target_rank = 10.0
+  c.guards.min_pred_rank = 0.0
+  c.guards.rank_after = 100
+  c.guards.rank_policy = "warn"      # warn | stop | rollback (to the last checkpoint before it)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.rank_every = 0              # RankMe of student/teacher token features every N steps; 0 = off
@@ -129,6 +175,7 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.eval.probe_chunk = 64            # examples per forward pass
   c.eval.probe_seed = 0              # seed of the stratified split
   c.eval.probe_test_frac = 0.3
+  c.eval.step_rank_every = 1         # rank_target / rank_pred in the step: every N steps; 0 = off
 
   c.init = ml_collections.ConfigDict()
   c.init.hf = ""                     # HF directory a NEW run starts from (d2v_jax/init.py)
@@ -140,6 +187,16 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
 
 def tau_schedule(c: ml_collections.ConfigDict, start: float, end: float, steps: int) -> None:
   c.teacher.tau_start, c.teacher.tau_end, c.teacher.anneal_steps = start, end, steps
+
+
+def v2_recipe(c: ml_collections.ConfigDict, *, clones: int, mask_prob: float, mask_adjust: float,
+              mask_length: int, decoder: dict, cls_loss: float = 0.0) -> None:
+  """Switches a config to the data2vec 2.0 objective with these masks and decoder."""
+  c.objective = "v2"
+  c.v2.clone_batch = clones
+  c.v2.mask_prob, c.v2.mask_adjust, c.v2.mask_length = mask_prob, mask_adjust, mask_length
+  c.v2.cls_loss = cls_loss
+  c.v2.decoder.update(decoder)
 
 
 def runlocal(c: ml_collections.ConfigDict, steps: int = 300, batch: int = 8) -> None:

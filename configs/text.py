@@ -4,7 +4,11 @@
       --config.data.path='gs://bucket/corpus/*.txt'
   python -m d2v_jax.train --config configs/text.py:variant=tiny,runlocal --workdir runs/text_local
 
-Arguments after the colon: variant=tiny|base|large, masking=span|bert, runlocal.
+  python -m d2v_jax.train --config configs/text.py:variant=base,v2 --workdir runs/text_base_v2
+  python -m d2v_jax.train --config configs/text.py:runlocal,v2 --workdir runs/text_local_v2
+
+Arguments after the colon: variant=tiny|base|large, masking=span|bert, runlocal, v2.
+`runlocal` alone trains the tiny variant.
 `base` is the released fairseq recipe (examples/data2vec/config/text/pretraining/base.yaml):
 post-LN RoBERTa-base, K=10 FFN-output targets with a parameter-free LayerNorm per layer,
 smooth-L1 beta=4, loss scale 1, 2-layer regression head, EMA 0.999 -> 0.9999 over 300k
@@ -12,6 +16,15 @@ updates (the released config; the paper says 100k) then flat, Adam(0.9, 0.98, ep
 wd 0.01, lr 2e-4, 10k warmup + cosine over 1M updates, clip 5, 256 x 512-token blocks.
 `runlocal` trains a small model for a few hundred steps on the KJV bible written by
 `.ci/setup` (Debian package bible-kjv) to data/text/kjv.txt.
+
+`v2` is data2vec 2.0 (fairseq examples/data2vec/config/v2/base_text_only_task.yaml,
+ALGORITHM.md §3.7) on the same RoBERTa encoder: M = 8 clones per sequence, 48 % of tokens
+masked uniformly at random (exact count), the student encodes only the visible tokens, a
+5-layer conv decoder (768 ch, kernel 9, no groups, no residual, 2-layer projection, input
+dropout 0.1) predicts the masked ones; targets = mean of the instance-normalised FFN outputs
+of all 12 blocks; L2 with scale 1; the teacher EMAs the blocks and reads the student's
+embeddings (after dropout); EMA 0.9999 -> 0.99999 over 100k; Adam(0.9, 0.98, eps 1e-6),
+wd 0.01, lr 2e-4, 4k warm-up + cosine, clip 1, 1M updates, 64 x 512-token sequences.
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ LOCAL_CORPUS = "data/text/kjv.txt"  # relative to the repo root; written by .ci/
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, variant="base", masking="span", runlocal=False)
+  args = common.parse_arg(arg, variant="base", masking="span")
   c = common.base_config("text")
   layers, hidden, heads, mlp = SIZES[args["variant"]]
 
@@ -100,4 +113,30 @@ def get_config(arg: str | None = None):
     # (target_var 0.52 -> 0.006); these values keep target_var ~0.3-0.46 over 300 steps.
     c.optim.lr = 5e-4
     common.tau_schedule(c, 0.999, 0.9999, 300)
+  if args["v2"]:
+    v2(c, layers, runlocal=args["runlocal"])
   return c
+
+
+def v2(c, layers: int, runlocal: bool) -> None:
+  common.v2_recipe(c, clones=8, mask_prob=0.48, mask_adjust=0.0, mask_length=1,
+                   decoder=dict(kind="1d", dim=c.model.encoder.hidden, kernel=9, groups=1,
+                                layers=5, residual=False, proj_layers=2, proj_ratio=2.0,
+                                input_dropout=0.1))
+  c.teacher.share_local = True          # embeddings shared; the teacher reads the student's
+  c.target.top_k = layers
+  c.target.layer_norm = "instance"
+  c.target.final_norm = "none"
+  c.loss.beta = 0.0
+  c.loss.scale = 1.0
+  c.loss.reduce_dims = "sum"
+  if runlocal:
+    c.v2.clone_batch = 4
+    c.v2.decoder.layers = 3
+    c.batch_size = 8                    # x 4 clones = 32 student rows of ~52 % of the tokens
+    c.optim.lr = 5e-4
+    c.optim.clip = 1.0
+    return
+  common.tau_schedule(c, 0.9999, 0.99999, 100_000)
+  c.batch_size = 64
+  c.optim.update(dict(lr=2e-4, warmup_steps=4_000, clip=1.0))

@@ -4,7 +4,11 @@
       --config.data.tfds_data_dir=gs://bucket/tensorflow_datasets
   python -m d2v_jax.train --config configs/vision.py:variant=tiny,runlocal --workdir runs/vision_local
 
-Arguments after the colon: variant=tiny|small|base|large, runlocal.
+  python -m d2v_jax.train --config configs/vision.py:variant=base,v2 --workdir runs/vision_base_v2
+  python -m d2v_jax.train --config configs/vision.py:runlocal,v2 --workdir runs/vision_local_v2
+
+Arguments after the colon: variant=tiny|small|base|large, runlocal, v2. `runlocal` alone
+trains the tiny variant.
 `base` follows the released ViT-B/16 command of facebookresearch/data2vec_vision
 (beit/README.md, run_cyclical.py), which is what produced the paper's numbers: BEiT ViT-B/16
 at 224 px (pre-LN, LayerNorm eps 1e-6, q/v biases but no k bias, one shared relative
@@ -30,6 +34,25 @@ never downloaded here), or data.source="files" (a glob / directory of jpg/png) o
 `runlocal` trains for a few hundred steps on real photos written by `.ci/setup`
 (scikit-image sample photos, .ci/data/vision.sh) to data/vision/photos, at 64 px with
 8 px patches.
+
+Initialisation as data2vec_vision (model.init = "beit"): trunc_normal_(std 0.02) truncated
+at +-1 std for every Linear, the patch conv and the CLS / mask tokens, and each block's
+attention output and fc2 weights divided by sqrt(2 * layer); "bert" keeps N(0, 0.02).
+
+`v2` is data2vec 2.0 (fairseq examples/data2vec/config/v2/base_images_only_task.yaml,
+ALGORITHM.md §3.7) run on the same BEiT encoder (so the export still loads in
+Data2VecVisionModel; the released v2 ViT is post-LN with fixed sin-cos positions, which no HF
+Data2Vec class holds): M = 16 clones per image, inverse block masking (R 0.8, A 0.07, B 3:
+39 of 196 patches visible), the student encodes only the visible patches (+ CLS, the
+relative position bias gathered on both axes), a 6-layer 2-D conv decoder (768 ch, kernel 3,
+16 groups, residual) predicts all patches; targets = mean of the instance-normalised FFN
+outputs of the top 10 blocks, LayerNormed; L2 x 1/sqrt(D) over masked patches; CLS loss on
+the mean target; EMA of the whole encoder incl. patch embedding 0.9998 -> 0.99999 over 100k;
+Adam(0.9, 0.95) wd 0.05 lr 1e-3, 50,040 warm-up + cosine, clip 4, 375,300 updates of 256
+images; RandomResizedCrop scale (0.2, 1) + flip, no colour jitter; no dropout / drop path.
+cls_loss: fairseq adds 0.01 x sample_size x (sum over its rows of the CLS loss) and divides
+by sample_size, i.e. 0.01 x (rows per GPU = 16 images x 16 clones) x the mean row loss; our
+cls_loss multiplies the mean row loss, hence 0.01 x 256 = 2.56.
 """
 
 from __future__ import annotations
@@ -56,10 +79,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # --imagenet_default_mean_and_std
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOCAL_PHOTOS = "data/vision/photos"    # relative to the repo root; written by .ci/setup
 
-# BEiT: no weight decay on 1-D parameters (biases, norms, layer scales) and the skip list
-# (cls token, position tables). Substrings of parameter paths (d2v_jax/optim.py); needed by
-# name because scanned layers stack 1-D parameters into 2-D arrays.
-NO_DECAY = ("bias", "norm", "lambda_", "cls_token", "mask_token", "rel_pos_bias")
+# data2vec_vision / BEiT optim_factory: no weight decay on 1-D parameters (biases, norms,
+# layer scales), names ending in .bias and the model's skip list {pos_embed, cls_token}; the
+# mask token ([1, 1, D] there) and the 2-D relative position table ARE decayed. Substrings of
+# parameter paths (d2v_jax/optim.py); by name because scanned layers stack 1-D parameters
+# into 2-D arrays, and our mask token is 1-D and the table is named rel_pos_bias.
+NO_DECAY = ("bias", "norm", "lambda_", "cls_token")
+DECAY = ("mask_token", "rel_pos_bias")
 
 
 def epochs_to_steps(epochs: float, batch: int, examples: int = IMAGENET_TRAIN) -> int:
@@ -68,7 +94,7 @@ def epochs_to_steps(epochs: float, batch: int, examples: int = IMAGENET_TRAIN) -
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, variant="base", runlocal=False)
+  args = common.parse_arg(arg, variant="base")
   if args["variant"] not in SIZES:
     raise ValueError(f"variant={args['variant']!r}: use one of {sorted(SIZES)}")
   c = common.base_config("vision")
@@ -79,6 +105,7 @@ def get_config(arg: str | None = None):
   c.model.image_size = 224
   c.model.patch_size = 16
   c.model.channels = 3
+  c.model.init = "beit"                # beit: data2vec_vision's init (see above) | bert
   c.model.embed_dropout = 0.0          # BEiT pos_drop (drop_rate 0)
   c.model.encoder = common.encoder(
       layers, hidden, heads, mlp, pre_ln=True, layer_norm_eps=1e-6, dropout=0.0,
@@ -105,7 +132,7 @@ def get_config(arg: str | None = None):
   c.log_every = 50
   lr = 1e-3 if large else 2e-3
   c.optim.update(dict(lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, decay_1d=False,
-                      no_decay=NO_DECAY, clip=3.0, schedule="cosine",
+                      no_decay=NO_DECAY, decay=DECAY, clip=3.0, schedule="cosine",
                       warmup_steps=epochs_to_steps(warmup, c.batch_size),
                       init_lr_scale=1e-6 / lr, final_lr_scale=1e-5 / lr))
 
@@ -143,4 +170,36 @@ def get_config(arg: str | None = None):
     c.optim.lr = 1e-3
     c.optim.init_lr_scale, c.optim.final_lr_scale = 0.0, 0.01
     common.tau_schedule(c, 0.99, 0.999, 300)
+  if args["v2"]:
+    v2(c, layers, runlocal=args["runlocal"])
   return c
+
+
+def v2(c, layers: int, runlocal: bool) -> None:
+  hidden = c.model.encoder.hidden
+  common.v2_recipe(c, clones=16, mask_prob=0.8, mask_adjust=0.07, mask_length=3,
+                   decoder=dict(kind="2d", dim=hidden, kernel=3, groups=16, layers=6,
+                                residual=True, proj_layers=1, input_dropout=0.0),
+                   cls_loss=0.01 * 256)
+  c.model.encoder.update(dict(dropout=0.0, attention_dropout=0.0, drop_path=0.0))
+  c.target.top_k = min(10, layers) if layers >= 12 else max(1, layers - 1)
+  c.target.layer_output = "ffn"
+  c.target.layer_norm = "instance"
+  c.target.final_norm = "layer"
+  c.loss.beta = 0.0
+  c.loss.scale = None                   # 1 / sqrt(D)
+  c.loss.reduce_dims = "sum"
+  c.data.crop_scale = (0.2, 1.0)
+  c.data.color_jitter = (0.0, 0.0, 0.0)
+  if runlocal:
+    c.v2.clone_batch = 4
+    c.v2.decoder.layers = 3
+    c.batch_size = 8                     # x 4 clones; 64 patches, 12 visible
+    c.optim.update(dict(b2=0.95, clip=4.0))
+    return
+  common.tau_schedule(c, 0.9998, 0.99999, 100_000)
+  c.batch_size = 256
+  c.total_steps = 375_300
+  c.optim.update(dict(lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, clip=4.0,
+                      schedule="cosine", warmup_steps=50_040, init_lr_scale=0.0,
+                      final_lr_scale=0.0))

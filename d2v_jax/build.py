@@ -44,11 +44,20 @@ def build(cfg, *, mesh=None, devices=None) -> Built:
   mesh = mesh or sharding.make_mesh(cfg.mesh, devices)
   init_batch = jax.tree_util.tree_map(jnp.asarray, mod.data.example_batch(cfg, 1))
 
+  v2 = cfg.get("objective", "v1") == "v2"
+  fixup = getattr(mod.model, "init_fixup", None)
+
   def init_boxed(rng):
     k_params, k_drop, k_state = jax.random.split(rng, 3)
-    variables = model.init({"params": k_params, "dropout": k_drop}, init_batch, student=True,
-                           deterministic=True)
+    k_fix = jax.random.fold_in(rng, 1)
+    variables = model.init({"params": k_params, "dropout": k_drop}, init_batch, v2,
+                           method=model.init_all)
     params = variables["params"]
+    if fixup is not None:  # a modality's own initialisation (vision: data2vec_vision's)
+      is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+      fixed = fixup(nn.meta.unbox(params), k_fix, cfg)
+      params = jax.tree_util.tree_map(lambda box, v: box.replace_boxed(v) if is_box(box) else v,
+                                      params, fixed, is_leaf=is_box)
     teacher = ema.teacher_view(params, cfg.teacher.ema_subtrees)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       teacher=jax.tree_util.tree_map(lambda x: x, teacher),

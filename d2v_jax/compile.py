@@ -36,6 +36,7 @@ import os
 import re
 import sys
 import time
+from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/console.py)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # libtpu takes a process-wide lock file on load; compiling for a topology needs no TPU, so

@@ -68,11 +68,46 @@ def parse_argv(argv: list[str], fv: flags.FlagValues | None = None) -> flags.Fla
     raise ConfigError(msg or f"bad config override: {e}") from None
   if fv.config is None:
     raise ConfigError("--config is required, e.g. --config configs/text.py:variant=tiny,runlocal")
+  mark_explicit(fv.config, override_keys(argv))
   return fv
 
 
+def override_keys(argv: list[str]) -> list[str]:
+  """Dotted keys of the `--config.KEY=VALUE` / `--config.KEY VALUE` flags in argv."""
+  return [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+
+
+def mark_explicit(cfg: ml_collections.ConfigDict, keys) -> None:
+  """Records which keys the user set (command line); values resolved later from a tokenizer
+  or an init.hf directory never overwrite them, and a contradiction is an error. Kept as an
+  attribute of the ConfigDict object (not a config key), so it is not written anywhere."""
+  object.__setattr__(cfg, "_d2v_explicit", frozenset(explicit_keys(cfg)) | frozenset(keys))
+
+
+def explicit_keys(cfg) -> frozenset:
+  """Keys set on the command line (parse_argv / mark_explicit); empty for configs built in code."""
+  return getattr(cfg, "_d2v_explicit", None) or frozenset()
+
+
+def mark_resolved(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Marks a config read back from a run (config.json, checkpoint meta): its values were
+  resolved when the run started, so nothing is resolved again (e.g. from an init.hf directory
+  that may be gone by now)."""
+  object.__setattr__(cfg, "_d2v_resolved", True)
+  return cfg
+
+
+def is_resolved(cfg) -> bool:
+  return bool(getattr(cfg, "_d2v_resolved", False))
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Range checks that hold for every modality; modalities add their own."""
+  """Range checks that hold for every modality; modalities add their own. First resolves what
+  an init.hf directory fixes (the architecture, d2v_jax/init.py resolve_config), so the checks
+  and everything built after them see the weights' shapes."""
+  if cfg.get("init", None) is not None and cfg.init.get("hf", ""):
+    from d2v_jax import init as init_lib
+    init_lib.resolve_config(cfg)
   enc = cfg.model.encoder
   checks = [
       (1 <= cfg.target.top_k <= enc.num_layers,
@@ -115,8 +150,8 @@ def write_resolved(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:
-  """Inverse of to_dict (for export / inspection of a finished run)."""
-  return ml_collections.ConfigDict(d)
+  """Inverse of to_dict (for export / inspection of a finished run); marked resolved."""
+  return mark_resolved(ml_collections.ConfigDict(d))
 
 
 def set_path(cfg: ml_collections.ConfigDict, key: str, value) -> None:

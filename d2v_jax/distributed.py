@@ -11,15 +11,38 @@ Every process of a multi-host job runs the same command (launch/); this picks, i
   TPU_WORKER_HOSTNAMES=a,b   a multi-host TPU slice whose environment lists the workers (GKE)
   MEGASCALE_COORDINATOR_ADDRESS   a multislice TPU job
 
-and otherwise runs as one process. `plan()` is pure (tested); `maybe_initialize()` applies it.
+and otherwise runs as one process. `plan()` is pure (tested); `initialize()` applies it and is
+the one start-up path of every entry point (trainer, tools): it prints the plan once (process 0).
+
+With more than one process, `initialize()` also makes the job behave as one machine:
+
+  * a dead peer ends the job: a heartbeat thread (`Watchdog`) publishes this process's beat
+    through the coordination service every `peer_timeout / 10` s and reads everyone's; a peer
+    whose beat has not changed for `peer_timeout` s (default 60; --peer_timeout or
+    D2V_PEER_TIMEOUT) is named on every surviving process ("error: process N stopped
+    responding ...") and they exit 1 at once (os._exit: no hang in a collective, an orbax
+    barrier or JAX's shutdown barrier). A process that fails with an error tells its peers,
+    which stop at once. JAX's own heartbeat timeout is set to 2 * peer_timeout + 10 s as a
+    backstop (it aborts with its own message).
+  * preemption is agreed: `StopVote` reduces every process's SIGTERM flag over all devices
+    (one tiny all-reduce per step, read one step late with the metrics), so every process
+    learns of a SIGTERM that reached any of them after the same step, and all save that step.
+    JAX's own SIGTERM listener (the preemption sync service) is switched off for this: the
+    trainer's handler is the only one.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import re
+import sys
+import threading
+import time
 from typing import Mapping
+
+DEFAULT_PEER_TIMEOUT = 60.0   # seconds without a heartbeat before a peer counts as dead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +100,278 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
   return Plan("none", {}, "single process")
 
 
-def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> Plan:
-  """Calls jax.distributed.initialize() when the plan says so (before any other JAX use)."""
+def peer_timeout(value: float | None = None, env: Mapping[str, str] | None = None) -> float:
+  """--peer_timeout, else D2V_PEER_TIMEOUT, else DEFAULT_PEER_TIMEOUT (seconds, > 0)."""
+  env = os.environ if env is None else env
+  if value is None:
+    raw = env.get("D2V_PEER_TIMEOUT", "").strip()
+    try:
+      value = float(raw) if raw else DEFAULT_PEER_TIMEOUT
+    except ValueError:
+      raise ValueError(f"D2V_PEER_TIMEOUT={raw!r} must be a number of seconds") from None
+  if not value > 0:
+    raise ValueError(f"the peer timeout ({value}) must be > 0 seconds")
+  return float(value)
+
+
+def describe(p: Plan, processes: int, devices: int, local: int, timeout: float | None) -> str:
+  """The one line process 0 prints at start-up."""
+  line = (f"distributed: {p.why} ({p.mode}); {processes} process{'es' if processes > 1 else ''}, "
+          f"{devices} devices ({local} local)")
+  if processes > 1 and timeout is not None:
+    line += f"; a process silent for {timeout:g} s ends the job (--peer_timeout)"
+  return line
+
+
+def define_flags(fv) -> None:
+  """The start-up flags of an absl entry point (the trainer; compile can share them)."""
+  from absl import flags
+  flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "multi-process: number of processes",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "multi-process: this process's index",
+                       flag_values=fv)
+  flags.DEFINE_float("peer_timeout", None,
+                     "multi-process: seconds without a heartbeat from a process before every "
+                     f"other process names it and exits 1 (default: D2V_PEER_TIMEOUT or "
+                     f"{DEFAULT_PEER_TIMEOUT:g})", flag_values=fv)
+
+
+_STATE: dict = {"plan": None, "watchdog": None}
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout: float | None = None,
+               announce: bool = True) -> Plan:
+  """The start-up of every entry point, before any other JAX use: jax.distributed.initialize()
+  when the plan says so, the peer watchdog when there is more than one process, and the plan
+  printed once by process 0. Idempotent (a second call returns the first plan)."""
+  if _STATE["plan"] is not None:
+    return _STATE["plan"]
   p = plan(coordinator_address, num_processes, process_id)
-  if p.mode != "none":
-    import jax
-    jax.distributed.initialize(**p.kwargs)
-    if jax.process_index() == 0:
-      print(f"distributed: {p.why}; {jax.process_count()} processes, "
-            f"{jax.device_count()} devices ({jax.local_device_count()} local)", flush=True)
+  t = peer_timeout(timeout)
+  import jax
+  if p.mode != "none" and not jax.distributed.is_initialized():
+    # The trainer's SIGTERM handler + StopVote agree on preemption; JAX's listener would
+    # swallow SIGTERM (and orbax would act on it) without the trainer knowing.
+    jax.config.update("jax_enable_preemption_service", False)
+    jax.distributed.initialize(**p.kwargs, heartbeat_timeout_seconds=int(2 * t + 10))
+  _STATE["plan"] = p
+  if jax.process_count() > 1:
+    from jax._src import distributed as jax_distributed
+    wd = Watchdog(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
+                  t, jax_distributed.global_state.coordinator_address or "")
+    _STATE["watchdog"] = wd
+    wd.start()
+    atexit.register(wd.finish)   # runs before JAX's own exit hook (registered earlier)
+  if announce and jax.process_index() == 0:
+    print(describe(p, jax.process_count(), jax.device_count(), jax.local_device_count(), t),
+          flush=True)
   return p
+
+
+maybe_initialize = initialize   # the former name
+
+
+def watchdog() -> "Watchdog | None":
+  return _STATE["watchdog"]
+
+
+def progress(step: int) -> None:
+  """The trainer's current step, sent with the heartbeats (named when a process is lost)."""
+  wd = _STATE["watchdog"]
+  if wd is not None:
+    wd.step = step
+
+
+def finish() -> None:
+  """A clean end of this process: peers stop watching it."""
+  wd = _STATE["watchdog"]
+  if wd is not None:
+    wd.finish()
+
+
+# A collective or barrier that failed because a peer vanished (gloo on CPU says so at once;
+# TPU/GPU collectives may only hang, which the watchdog catches).
+_LOST_PEER = re.compile(r"gloo|connection (reset|closed|refused)|socket closed|unavailable|"
+                        r"deadline|heartbeat|barrier|coordination|peer", re.IGNORECASE)
+
+
+def fail(message: str, exc: BaseException | None = None, code: int = 1) -> None:
+  """Ends this process of a multi-process job on an error (never returns when a watchdog
+  runs; returns at once with one process). When the error looks like a lost peer, first
+  waits up to the peer timeout for the watchdog to name the process that stopped (it exits
+  from its thread); then tells the peers this process failed, prints `message` and leaves
+  with os._exit(code): JAX's shutdown barrier would wait for the peers, which wait for us."""
+  wd = _STATE["watchdog"]
+  if wd is None:
+    return
+  if exc is not None and _LOST_PEER.search(f"{type(exc).__name__}: {exc}"):
+    print(f"error: {_first_line(exc)}; waiting up to {wd.timeout:g} s for the heartbeats to "
+          "name the process that stopped", file=sys.stderr, flush=True)
+    wd.lost.wait(wd.timeout + 3 * wd.interval)
+  if exc is not None:
+    import traceback
+    traceback.print_exception(exc, file=sys.stderr)
+  wd.finish("failed")
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)
+
+
+def _first_line(e: BaseException) -> str:
+  text = (str(e).strip() or type(e).__name__).splitlines()[0]
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Watchdog:
+  """Heartbeats through the coordination service's key-value store (a daemon thread).
+
+  Every `interval` s this process writes d2v/beat/<pid> = "<count> <step>" and reads all the
+  beats. A peer whose value has not changed for `timeout` s stopped responding (killed, OOM,
+  hung with the GIL held): this process prints one line naming it and exits 1. A peer that
+  wrote "failed" ended with an error: stop at once. "done" = a clean end, no longer watched.
+  When the coordination service itself is gone, process 0 (its host) died."""
+
+  PREFIX = "d2v/beat/"
+
+  def __init__(self, client, pid: int, nproc: int, timeout: float, coordinator: str = ""):
+    self.client, self.pid, self.nproc = client, pid, nproc
+    self.timeout = float(timeout)
+    self.interval = min(max(self.timeout / 10, 0.2), 5.0)
+    self.coordinator = coordinator
+    self.step: int | None = None
+    self.lost = threading.Event()       # set just before this process exits for a lost peer
+    self._stop = threading.Event()
+    self._done = False
+    self._lock = threading.Lock()
+    self._thread = threading.Thread(target=self._run, name="d2v-peer-watchdog", daemon=True)
+
+  def start(self) -> None:
+    self._thread.start()
+
+  def finish(self, state: str = "done") -> None:
+    """Stops the thread and publishes `state` (peers stop watching, or stop on "failed")."""
+    with self._lock:
+      if self._done:
+        return
+      self._done = True
+      self._stop.set()
+    if threading.current_thread() is not self._thread:
+      self._thread.join(timeout=2 * self.interval + 1)
+    try:
+      self.client.key_value_set(f"{self.PREFIX}{self.pid}", state, allow_overwrite=True)
+    except Exception:   # the service is gone: nothing to tell
+      pass
+
+  def _beats(self, count: int) -> dict[int, str]:
+    self.client.key_value_set(f"{self.PREFIX}{self.pid}", f"{count} {self.step}",
+                              allow_overwrite=True)
+    out = {}
+    for key, value in self.client.key_value_dir_get(self.PREFIX):
+      try:
+        out[int(key.rstrip("/").rsplit("/", 1)[-1])] = value
+      except ValueError:
+        pass
+    return out
+
+  def _run(self) -> None:
+    start = time.monotonic()
+    seen = {k: (None, start) for k in range(self.nproc) if k != self.pid}
+    count = 0
+    while not self._stop.wait(self.interval):
+      count += 1
+      try:
+        beats = self._beats(count)
+      except Exception as e:
+        if self._stop.is_set():
+          return
+        where = f" at {self.coordinator}" if self.coordinator else ""
+        self._die(f"error: process 0 stopped responding (the coordination service{where} is "
+                  f"unreachable: {_first_line(e)})")
+        return
+      now = time.monotonic()
+      for k, (value, since) in seen.items():
+        new = beats.get(k)
+        if new == "done":
+          continue
+        if new == "failed":
+          self._die(f"error: process {k} failed (see its log)")
+          return
+        if new != value:
+          seen[k] = (new, now)
+        elif now - since > self.timeout:
+          last = value.split()[1] if value and len(value.split()) > 1 else "none"
+          self._die(f"error: process {k} stopped responding (no heartbeat for {now - since:.0f} "
+                    f"s, peer timeout {self.timeout:g} s; its last step: {last})")
+          return
+
+  def _die(self, why: str) -> None:
+    with self._lock:
+      if self._done:
+        return
+      self._done = True
+    self.lost.set()
+    try:
+      sys.stdout.flush()
+    except Exception:
+      pass
+    print(f"{why}; process {self.pid} stops too (exit 1). Finished checkpoints are intact: "
+          "rerun the same command to resume from the latest", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+class StopVote:
+  """Agreement on a local flag (SIGTERM) across processes: start(flag) dispatches a max over
+  one value per device of every process; result() is True on every process when any process
+  voted True. The trainer votes after each step and reads the vote with that step's metrics,
+  so every process reads the same votes in the same order and stops after the same step."""
+
+  def __init__(self):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    mesh = Mesh(np.array(jax.devices()), ("processes",))
+    self._in = NamedSharding(mesh, PartitionSpec("processes"))
+    self._local = jax.local_device_count()
+    self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def start(self, flag: bool):
+    import jax
+    import numpy as np
+    x = jax.make_array_from_process_local_data(self._in, np.full((self._local,), int(flag),
+                                                                 np.int32))
+    return self._max(x)
+
+  @staticmethod
+  def result(vote) -> bool:
+    import numpy as np
+    return bool(np.asarray(vote.addressable_data(0)))
+
+
+def main(argv: list[str] | None = None) -> int:
+  """python -m d2v_jax.distributed [--coordinator_address ... --num_processes N --process_id I]:
+  prints the plan this environment gets (a dry run: nothing is initialised)."""
+  import argparse
+  ap = argparse.ArgumentParser(prog="python -m d2v_jax.distributed", description=main.__doc__)
+  ap.add_argument("--coordinator_address")
+  ap.add_argument("--num_processes", type=int)
+  ap.add_argument("--process_id", type=int)
+  ap.add_argument("--peer_timeout", type=float)
+  a = ap.parse_args(argv)
+  try:
+    p = plan(a.coordinator_address, a.num_processes, a.process_id)
+    t = peer_timeout(a.peer_timeout)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"plan: {p.mode} ({p.why}); jax.distributed.initialize("
+        + ", ".join(f"{k}={v!r}" for k, v in p.kwargs.items()) + ")"
+        + (f"; peer timeout {t:g} s" if p.mode != "none" else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -6,7 +6,10 @@ Restores the checkpoint on one CPU device (whatever mesh it was written on) and 
 modality's map (d2v_jax/hf/<modality>.py). Default weights: the student, as the official
 fairseq/data2vec_vision -> HF conversions did; `--weights teacher` exports the EMA teacher
 (its EMA subtrees, plus the student's shared ones, e.g. text embeddings). The resolved
-training config travels with the export (d2v_config.json).
+training config travels with the export (d2v_config.json); a text export carries the run's
+tokenizer and its special ids (bos / eos / pad in config.json: <s> </s> <pad>, or [CLS] [SEP]
+[PAD] for a BERT vocabulary). A run written by `python -m d2v_jax.init --hf DIR` (step 0, no
+training) exports the imported weights unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from d2v_jax import console  # noqa: F401,E402  (first: quiet console)
 
 MARKER = "d2v_export.json"
 

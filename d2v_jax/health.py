@@ -8,6 +8,15 @@ Per step (inside the jitted train step, d2v_jax/step.py), on the positions the l
   pred_target_cos    mean cosine similarity of the student prediction and its target.
   teacher_dist       relative L2 distance ||teacher - student|| / ||student|| over the EMA
                      subtrees (0 when the teacher copies the student; grows with 1 - tau).
+  rank_target        effective rank (RankMe) of the targets at the masked positions, from the
+  rank_pred          D x D correlation matrix of those rows (per-channel standardised, so a
+                     per-channel scale, e.g. instance norm, cannot hide collapse or fake rank):
+                     1 = every target on one line, D = uncorrelated channels. Every
+                     eval.step_rank_every steps (default 1 = every step; 0 = off).
+                     Guarded by guards.min_rank (d2v_jax/metrics.py Guards).
+  feature_var        (when step.py passes `features`) mean over channels of the per-channel
+                     variance of the local encoder's output (audio conv features) over valid
+                     frames.
 Every `eval.rank_every` / `eval.probe_every` steps (Hook): the effective rank (RankMe) of the
 student's and the teacher's token features on a fixed batch, and a linear / k-NN probe on the
 labelled set `eval.probe_data` (d2v_jax/probe.py), written to the run's metrics files.
@@ -25,6 +34,7 @@ from d2v_jax import targets as T
 from d2v_jax.config import ConfigError
 
 RANK_EPS = 1e-7  # RankMe's epsilon on the normalised singular values
+CORR_FLOOR = 1e-8  # in-step rank: channel variances below this x their mean count as dead
 
 
 # ------------------------------------------------------------------------ per-step metrics
@@ -64,13 +74,99 @@ def layer_names(num_layers: int, top_k: int) -> list[str]:
   return [f"target_var_l{i}" for i in range(num_layers - top_k + 1, num_layers + 1)]
 
 
-def step_metrics(*, pred, target, mask, top, valid, teacher, student_view, cfg) -> dict:
-  """The health metrics train_step adds to its metrics dict (all scalars)."""
-  stds = layer_target_std(top, valid, mask, cfg.target.layer_norm)
+def masked_correlation(x: jax.Array, w: jax.Array) -> jax.Array:
+  """[D, D] float32 correlation matrix of the rows of x [..., D] weighted by w [...] (0 / 1).
+
+  Covariance of the weighted rows (centred on their weighted mean), then divided by
+  sqrt(var_i var_j): every channel standardised, so it is invariant to per-channel scaling.
+  A channel whose variance is below CORR_FLOOR x the mean variance (dead, constant) is divided
+  by that floor instead and contributes ~0 to every eigenvalue.
+  """
+  x = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+  w = w.astype(jnp.float32).reshape(-1, 1)
+  n = jnp.maximum(w.sum(), 1.0)
+  xc = (x - (x * w).sum(0) / n) * w
+  cov = jnp.einsum("nd,ne->de", xc, xc, precision=jax.lax.Precision.HIGHEST) / n
+  var = jnp.diagonal(cov)
+  inv = jax.lax.rsqrt(jnp.maximum(var, CORR_FLOOR * jnp.maximum(var.mean(), 1e-30)))
+  return cov * inv[:, None] * inv[None, :]
+
+
+def effective_rank_of_psd(mat: jax.Array) -> jax.Array:
+  """RankMe (jnp, in the step) of a feature matrix X from its Gram / covariance M = X^T X / n:
+  singular values of X ~ sqrt(eigenvalues of M clipped at 0); the 1/n scale cancels.
+  Eigenvalues below D x float32 eps x the largest (rounding noise, numpy's matrix_rank
+  tolerance) count as 0: their square roots would otherwise add ~1e-3 to a rank of 1."""
+  lam = jnp.linalg.eigvalsh((mat + mat.T) / 2)
+  tol = mat.shape[-1] * float(np.finfo(np.float32).eps) * jnp.max(lam)
+  s = jnp.sqrt(jnp.where(lam > tol, lam, 0.0))
+  p = s / jnp.maximum(s.sum(), 1e-30) + RANK_EPS
+  return jnp.exp(-(p * jnp.log(p)).sum())
+
+
+def masked_effective_rank(x: jax.Array, w: jax.Array) -> jax.Array:
+  """RankMe of the per-channel standardised rows of x [..., D] where w [...] is set: between 1
+  (every row on one line) and D (uncorrelated channels)."""
+  return effective_rank_of_psd(masked_correlation(x, w))
+
+
+def masked_channel_var(x: jax.Array, w: jax.Array | None) -> jax.Array:
+  """Mean over channels of the per-channel (population) variance of the rows of x [B, T, C]
+  where w [B, T] is set (all rows when w is None)."""
+  x = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+  w = jnp.ones(x.shape[:1], jnp.float32) if w is None else w.astype(jnp.float32).reshape(-1)
+  w = w[:, None]
+  n = jnp.maximum(w.sum(), 1.0)
+  mean = (x * w).sum(0) / n
+  return ((jnp.square(x - mean) * w).sum(0) / n).mean()
+
+
+def step_rank_every(cfg) -> int:
+  """eval.step_rank_every (1 when the config predates the key): 0 off, 1 every step, N every
+  N-th step (needs `step` in step_metrics)."""
+  every = int(eval_settings(cfg)["step_rank_every"])
+  if every < 0:
+    raise ConfigError(f"eval.step_rank_every={every} must be >= 0 (0 = off)")
+  return every
+
+
+def rank_metrics(pred, target, mask, *, every: int = 1, step=None) -> dict:
+  """rank_target / rank_pred: RankMe of the per-channel standardised targets / predictions
+  at the masked positions. With every > 1 they are computed when step % every == 0 (a
+  lax.cond) and NaN on the other steps (the log window and the guards skip NaN ranks)."""
+  both = lambda: (masked_effective_rank(target, mask), masked_effective_rank(pred, mask))
+  if every > 1 and step is not None:
+    nan = lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan))
+    rt, rp = jax.lax.cond(step % every == 0, both, nan)
+  else:
+    rt, rp = both()
+  return {"rank_target": rt, "rank_pred": rp}
+
+
+def step_metrics(*, pred, target, mask, top, valid, teacher, student_view, cfg,
+                 features=None, features_valid=None, step=None, top_mask=None) -> dict:
+  """The health metrics train_step adds to its metrics dict (all scalars).
+
+  Optional: `features` [B, T, C], the local encoder's output (audio: the conv feature
+  extractor's frames), with `features_valid` [B, T] (default: `valid` when its shape fits,
+  else every frame) -> feature_var; `step` (the state's step before the update) for
+  eval.step_rank_every > 1.
+  """
+  # top_mask [B, T]: the loss positions of the B teacher rows (data2vec 2.0: one clone's mask,
+  # since pred / target / mask there have B x M rows).
+  stds = layer_target_std(top, valid, mask if top_mask is None else top_mask, cfg.target.layer_norm)
   names = layer_names(cfg.model.encoder.num_layers, top.shape[0])
   out = {name: stds[i] for i, name in enumerate(names)}
   out["pred_target_cos"] = masked_cosine(pred, target, mask)
   out["teacher_dist"] = relative_distance(teacher, student_view)
+  every = step_rank_every(cfg)
+  if every:
+    out.update(rank_metrics(pred, target, mask, every=every, step=step))
+  if features is not None:
+    fv = features_valid
+    if fv is None and valid is not None and tuple(valid.shape) == tuple(features.shape[:2]):
+      fv = valid
+    out["feature_var"] = masked_channel_var(features, fv)
   return out
 
 
@@ -102,7 +198,8 @@ def effective_rank_from_gram(gram) -> float:
 def eval_settings(cfg) -> dict:
   """cfg.eval with defaults (runs written before the eval keys existed have none)."""
   e = dict(rank_every=0, probe_every=0, probe_data="", probe_weights="student", layer=-1,
-           rank_examples=64, probe_chunk=64, probe_seed=0, probe_test_frac=0.3)
+           rank_examples=64, probe_chunk=64, probe_seed=0, probe_test_frac=0.3,
+           step_rank_every=1)
   if "eval" in cfg:
     e.update({k: v for k, v in cfg.eval.items()})
   return e

@@ -83,21 +83,40 @@ def read(workdir: str) -> list[dict]:
   return rows
 
 
+SPARSE_PREFIXES = ("rank_",)  # metrics the step computes only every N steps (NaN between)
+
+
+def _sparse(k: str) -> bool:
+  return k.startswith(SPARSE_PREFIXES)
+
+
 class Window:
   """Mean of each metric over the steps since the last log (what the log line shows); the
-  non-finite counter is summed instead, so a skipped step is never averaged away."""
+  non-finite counter is summed instead, so a skipped step is never averaged away. Sparse
+  metrics (rank_*: NaN on the steps that do not compute them) are averaged over the steps
+  that did; NaN when none did."""
 
   def __init__(self):
-    self.sums, self.n = {}, 0
+    self.sums, self.counts, self.n = {}, {}, 0
 
   def add(self, m: dict) -> None:
     for k, v in m.items():
+      if _sparse(k) and not math.isfinite(v):
+        self.sums.setdefault(k, 0.0)
+        continue
       self.sums[k] = self.sums.get(k, 0.0) + v
+      self.counts[k] = self.counts.get(k, 0) + 1
     self.n += 1
 
   def mean(self) -> dict:
-    out = {k: (v if k == "nonfinite" else v / max(self.n, 1)) for k, v in self.sums.items()}
-    self.sums, self.n = {}, 0
+    def one(k, v):
+      if k == "nonfinite":
+        return v
+      if _sparse(k):
+        return v / self.counts[k] if self.counts.get(k) else float("nan")
+      return v / max(self.n, 1)
+    out = {k: one(k, v) for k, v in self.sums.items()}
+    self.sums, self.counts, self.n = {}, {}, 0
     return out
 
 
@@ -128,6 +147,7 @@ def progress_line(step: int, total: int, m: dict) -> str:
 
 NONFINITE_POLICIES = ("stop", "rollback")
 COLLAPSE_POLICIES = ("warn", "stop", "rollback")
+RANK_FLOORS = (("rank_target", "min_target_rank"), ("rank_pred", "min_pred_rank"))
 
 
 @dataclasses.dataclass
@@ -146,16 +166,22 @@ class Guards:
   consecutive skips are counted, and more than guards.max_nonfinite in a row triggers
   guards.nonfinite_policy (stop | rollback). Collapse: from step guards.collapse_after on,
   target_var / pred_var below guards.min_target_var / min_pred_var (0 = off) triggers
-  guards.collapse_policy (warn | stop | rollback). Messages carry the numbers.
+  guards.collapse_policy (warn | stop | rollback). Dimensional collapse: from step
+  guards.rank_after on, rank_target / rank_pred (the in-step effective ranks, d2v_jax/health.py)
+  below guards.min_target_rank / min_pred_rank (absolute effective ranks; 0 = off) triggers
+  guards.rank_policy (warn | stop | rollback); steps that did not compute a rank (NaN,
+  eval.step_rank_every > 1) are not judged. Messages carry the numbers.
   """
 
   def __init__(self, g):
     self.g = g
     for key, allowed in (("nonfinite_policy", NONFINITE_POLICIES),
-                         ("collapse_policy", COLLAPSE_POLICIES)):
+                         ("collapse_policy", COLLAPSE_POLICIES),
+                         ("rank_policy", COLLAPSE_POLICIES)):
       if g.get(key, allowed[0]) not in allowed:
         raise _config_error(f"guards.{key}={g.get(key)!r} must be one of {allowed}")
-    for key in ("max_nonfinite", "max_rollbacks", "collapse_after"):
+    for key in ("max_nonfinite", "max_rollbacks", "collapse_after", "min_target_rank",
+                "min_pred_rank", "rank_after"):
       if g.get(key, 0) < 0:
         raise _config_error(f"guards.{key}={g.get(key)} must be >= 0")
     self.nonfinite_total = 0
@@ -166,13 +192,15 @@ class Guards:
     self.nonfinite_run = 0
     self.nonfinite_since: int | None = None
     self.collapse_since: int | None = None
+    self.rank_since: int | None = None
 
   @property
   def healthy(self) -> bool:
     """False during an incident: periodic checkpoints are then held back, so the kept ones
     still include a state from before it (the rollback target)."""
     collapsing = self.collapse_since is not None and self.g.get("collapse_policy", "stop") != "warn"
-    return self.nonfinite_run == 0 and not collapsing
+    low_rank = self.rank_since is not None and self.g.get("rank_policy", "warn") != "warn"
+    return self.nonfinite_run == 0 and not collapsing and not low_rank
 
   def check(self, step: int, m: dict) -> Verdict | None:
     """Verdict when the trainer must act, else None (warnings go to stderr)."""
@@ -191,6 +219,38 @@ class Guards:
                        self.nonfinite_since)
       return None   # the step was skipped: its variances say nothing
     self.nonfinite_run, self.nonfinite_since = 0, None
+    verdict = self._check_collapse(step, m)
+    rank_verdict = self._check_rank(step, m)
+    return verdict or rank_verdict
+
+  def _check_rank(self, step: int, m: dict) -> Verdict | None:
+    g = self.g
+    floors = [(k, key, g.get(key, 0.0)) for k, key in RANK_FLOORS if g.get(key, 0.0) > 0]
+    if not floors or step < g.get("rank_after", 0):
+      self.rank_since = None
+      return None
+    vals = [(k, key, floor, m[k]) for k, key, floor in floors if math.isfinite(m.get(k, math.nan))]
+    if not vals:  # a step that computed no rank keeps the incident as it was
+      return None
+    low = [f"{k}={v:.4g} < guards.{key}={floor}" for k, key, floor, v in vals if v < floor]
+    if not low:
+      self.rank_since = None
+      return None
+    first = self.rank_since is None
+    if first:
+      self.rank_since = step
+    msg = (f"dimensional collapse at step {step} (since step {self.rank_since}): "
+           + ", ".join(low))
+    policy = g.get("rank_policy", "warn")
+    if policy == "warn":
+      if first:
+        print(f"warning: {msg}; training continues (guards.rank_policy=warn)",
+              file=sys.stderr, flush=True)
+      return None
+    return Verdict(policy, msg, self.rank_since)
+
+  def _check_collapse(self, step: int, m: dict) -> Verdict | None:
+    g = self.g
     low = []
     if step >= g.collapse_after:
       if g.min_target_var > 0 and m["target_var"] < g.min_target_var:

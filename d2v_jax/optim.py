@@ -29,12 +29,17 @@ def schedule(o, total_steps: int) -> optax.Schedule:
 
 def decay_mask(o):
   """Which leaves get weight decay: all (fairseq Adam) or only >= 2-D weights minus names in
-  optim.no_decay (BEiT/timm: no decay on biases, norms, cls/mask tokens, rel-pos tables)."""
+  optim.no_decay (BEiT's optim_factory: no decay on 1-D params, biases and the model's skip
+  list), except names in optim.decay, which are always decayed (BEiT decays its [1, 1, D]
+  mask token and its 2-D relative position table, which are 1-D / named *bias here)."""
   no_decay = tuple(o.get("no_decay", ()))
+  always = tuple(o.get("decay", ()))
 
   def mask(params):
     def keep(path, x):
       name = jax.tree_util.keystr(path)
+      if any(n in name for n in always):
+        return True
       if any(n in name for n in no_decay):
         return False
       # Scanned blocks carry a leading layer axis: a stacked bias is still a 1-D parameter.

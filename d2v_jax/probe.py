@@ -6,12 +6,15 @@
 
 Features: the end-of-block output of block N (1-based; negative counts from the end; default
 the last block), mean-pooled over the valid, non-extra tokens (no CLS, no padding) of the
-unmasked input; no final norm, no head. Data: a folder per class (images: the run's
-data.extensions; audio: .wav/.flac) or, for text, a TSV of `text<TAB>label` lines.
+unmasked input; no final norm, no head. Data: a folder per class (images: the trainer's list,
+d2v_jax.data.vision.EXTENSIONS or the run's data.extensions; audio: the trainer's
+d2v_jax.data.audio.EXTENSIONS / list_files, e.g. .wav .flac .ogg .mp3) or, for text, a TSV
+of `text<TAB>label` lines.
 Preprocessing is the run's, without masking or augmentation: text is tokenized with the run's
 tokenizer (data.tokenizer or WORKDIR/tokenizer) as <s> text </s>, cut at data.block_size and
-padded; images are resized (shorter side) and centre-cropped to model.image_size and
-normalised by data.mean / data.std; audio is decoded at data.sample_rate, normalised per
+padded; images are decoded as in training (alpha composited onto data.background), resized
+(shorter side) and centre-cropped to model.image_size and normalised by data.mean /
+data.std; audio is decoded at data.sample_rate, normalised per
 utterance (data.normalize) and cut / zero-padded to data.max_samples from its start.
 The same stratified, seeded splits (--test-frac held out; --repeats N splits with seeds
 seed..seed+N-1, reported as mean +- std) serve every row, so pretrained and random init are
@@ -31,14 +34,13 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from d2v_jax import console  # noqa: F401,E402  (first: quiet console)
+
 os.environ.setdefault("USE_TF", "0")  # transformers: tokenizer only, no TF model classes
 
 import numpy as np  # noqa: E402
 
 from d2v_jax.config import ConfigError  # noqa: E402
-
-AUDIO_EXTENSIONS = (".wav", ".flac")
 
 
 @dataclasses.dataclass
@@ -85,8 +87,10 @@ def read_tsv(path: str) -> tuple[list[str], list[str]]:
   return texts, labels
 
 
-def class_folders(path: str, extensions) -> tuple[list[str], list[str]]:
-  """A folder per class -> (files, class names); files sorted, classes = folder names."""
+def class_folders(path: str, extensions, lister=None) -> tuple[list[str], list[str]]:
+  """A folder per class -> (files, class names); files sorted, classes = folder names.
+  `lister(dir)` (the trainer's own file lister, e.g. audio.list_files) finds the files of a
+  class folder; without it, the files below it whose extension is in `extensions`."""
   if not os.path.isdir(path):
     raise ConfigError(f"probe data {path!r} is not a directory; image / audio probes read a "
                       "folder per class (PATH/<class>/<files>)")
@@ -96,8 +100,14 @@ def class_folders(path: str, extensions) -> tuple[list[str], list[str]]:
     d = os.path.join(path, cls)
     if not os.path.isdir(d):
       continue
-    found = sorted(os.path.join(root, n) for root, _, names in os.walk(d, followlinks=True)
-                   for n in names if n.lower().endswith(exts))
+    if lister is not None:
+      try:
+        found = sorted(lister(d))
+      except ConfigError:
+        found = []
+    else:
+      found = sorted(os.path.join(root, n) for root, _, names in os.walk(d, followlinks=True)
+                     for n in names if n.lower().endswith(exts))
     if not found:
       raise ConfigError(f"class folder {d} holds no file with extension in {sorted(set(exts))}")
     files += found
@@ -135,18 +145,21 @@ def _text_set(cfg, workdir, path) -> LabelledSet:
 
 
 def load_image(path: str, cfg) -> np.ndarray:
-  """Eval preprocessing: shorter side -> image_size (bicubic, antialiased), centre crop,
-  [0, 1], normalised by data.mean / data.std. float32 [S, S, 3]."""
+  """Eval preprocessing: decoded as in training (vision.decode_rgb: alpha composited onto
+  data.background), shorter side -> image_size (bicubic, antialiased), centre crop, [0, 1],
+  normalised by data.mean / data.std. float32 [S, S, 3]."""
   import tensorflow as tf
+
+  from d2v_jax.data import vision
   s = int(cfg.model.image_size)
   try:
-    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    img = vision.decode_rgb(tf.io.read_file(path), vision.background(cfg))
   except tf.errors.OpError as e:
     raise ConfigError(f"image {path} cannot be decoded: {e.message.splitlines()[0]}") from None
   h, w = int(img.shape[0]), int(img.shape[1])
   scale = s / min(h, w)
   nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-  img = tf.image.resize(tf.cast(img, tf.float32), [nh, nw], method="bicubic", antialias=True)
+  img = tf.image.resize(img, [nh, nw], method="bicubic", antialias=True)
   top, left = (nh - s) // 2, (nw - s) // 2
   img = tf.clip_by_value(img[top:top + s, left:left + s] / 255.0, 0.0, 1.0)
   img = (img - tf.constant(cfg.data.mean, tf.float32)) / tf.constant(cfg.data.std, tf.float32)
@@ -155,7 +168,7 @@ def load_image(path: str, cfg) -> np.ndarray:
 
 def _image_set(cfg, workdir, path) -> LabelledSet:
   from d2v_jax.data import vision
-  files, names = class_folders(path, cfg.data.extensions)
+  files, names = class_folders(path, vision.image_extensions(cfg))
   images = np.stack([load_image(f, cfg) for f in files])
   labels, classes = _label_ids(names)
   arrays = {"image": images, "mask": np.zeros((len(files), vision.num_patches(cfg)), bool)}
@@ -195,7 +208,7 @@ def load_clip(path: str, cfg) -> tuple[np.ndarray, int]:
 
 def _audio_set(cfg, workdir, path) -> LabelledSet:
   from d2v_jax.data import audio
-  files, names = class_folders(path, AUDIO_EXTENSIONS)
+  files, names = class_folders(path, audio.EXTENSIONS, lister=audio.list_files)
   clips = [load_clip(f, cfg) for f in files]
   labels, classes = _label_ids(names)
   frames = audio.frames(cfg, cfg.data.max_samples)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from d2v_jax import ema, health, targets as T
+from d2v_jax import ema, health, objectives, targets as T
 from d2v_jax.state import TrainState
 
 
@@ -40,48 +40,26 @@ def _global_norm(tree) -> jax.Array:
   return optax.global_norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
 
 
-def teacher_targets(model, params, teacher, batch, cfg, *, with_layers: bool = False):
-  """Targets [B, T', D] from the teacher on the unmasked input (no dropout, no gradient).
-
-  Returns (targets, valid), plus the raw top-K layers [K, B, T', D] with `with_layers`
-  (for the per-layer health metrics).
-  """
-  n_extra = model.embed.num_extra_tokens
-  out = model.apply({"params": ema.teacher_params(params, teacher)}, batch, student=False,
-                    deterministic=True)
-  valid = out["valid"]
-  valid = None if valid is None else valid[:, n_extra:]
-  layers = out["layers"][:, :, n_extra:]
-  y = T.targets_from_config(layers, valid, cfg.target)
-  if with_layers:
-    return jax.lax.stop_gradient(y), valid, jax.lax.stop_gradient(layers[-cfg.target.top_k:])
-  return jax.lax.stop_gradient(y), valid
+def teacher_targets(model, params, teacher, batch, cfg):
+  """Targets [B, T', D] and their valid mask from the teacher, as the step computes them."""
+  return objectives.teacher_targets(model, params, teacher, batch, cfg)
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
-  n_extra = model.embed.num_extra_tokens
-  mask = batch["mask"]
-  # The named scopes label the step's phases in profiles (python -m d2v_jax.bench profile).
-  with jax.named_scope("teacher"):
-    y, valid, top = teacher_targets(model, state.params, state.teacher, batch, cfg, with_layers=True)
+  forward = objectives.get(cfg)
   step_rng = jax.random.fold_in(state.rng, state.step)
-
-  def loss_fn(params):
-    out = model.apply({"params": params}, batch, student=True, deterministic=False,
-                      rngs={"dropout": step_rng})
-    pred = out["pred"][:, n_extra:]
-    loss, n = T.regression_loss(pred, y, mask, beta=cfg.loss.beta, scale=cfg.loss.scale,
-                                reduce_dims=cfg.loss.reduce_dims)
-    return loss, (pred, n)
-
-  (loss, (pred, n_masked)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # The named scopes label the step's phases in profiles (python -m d2v_jax.bench profile);
+  # the objective opens "teacher" itself.
+  loss_fn = lambda params: forward(model, params, state.teacher, batch, step_rng, cfg)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   with jax.named_scope("optimizer"):
     grad_norm = _global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
   with jax.named_scope("ema"):
-    tau = ema.tau_from_config(state.step, cfg.teacher)
-    teacher = ema.ema_update(state.teacher, ema.teacher_view(params, state.teacher.keys()), tau)
+    # fairseq steps the EMA with the update count after this update (ema.py).
+    tau = ema.tau_from_config(state.step + 1, cfg.teacher)
+    teacher = ema.ema_update(state.teacher, ema.select_like(params, state.teacher), tau)
 
   # A non-finite loss or gradient skips the update: params, teacher and optimizer state stay.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -89,6 +67,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
   new_state = state.replace(
       step=state.step + 1, params=keep(params, state.params), teacher=keep(teacher, state.teacher),
       opt_state=keep(opt_state, state.opt_state))
+  pred, y, mask = aux["pred"], aux["target"], aux["mask"]
+  feats = aux.get("features")
   with jax.named_scope("metrics"):
     metrics = {
         "loss": loss,
@@ -98,12 +78,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
         "param_norm": _global_norm(new_state.params),
         "target_var": T.masked_std_mean(y, mask),
         "pred_var": T.masked_std_mean(pred, mask),
-        "masked_frac": n_masked / mask.size,
+        "masked_frac": aux["n_masked"] / mask.size,
         "nonfinite": 1 - finite.astype(jnp.int32),
-        **health.step_metrics(pred=pred, target=y, mask=mask, top=top, valid=valid,
-                              teacher=new_state.teacher,
-                              student_view=ema.teacher_view(new_state.params, new_state.teacher.keys()),
-                              cfg=cfg),
+        **health.step_metrics(pred=pred, target=y, mask=mask, top=aux["top"], valid=aux["valid"],
+                              top_mask=aux["top_mask"], teacher=new_state.teacher,
+                              student_view=ema.select_like(new_state.params, new_state.teacher),
+                              cfg=cfg, step=state.step,
+                              features=None if feats is None else feats[0],
+                              features_valid=None if feats is None else feats[1]),
     }
   return new_state, metrics
 

@@ -69,6 +69,24 @@ def elementwise_loss(pred: jax.Array, target: jax.Array, beta: float) -> jax.Arr
   return jnp.where(a < beta, 0.5 * jnp.square(diff) / beta, a - 0.5 * beta)
 
 
+def per_row_loss(pred: jax.Array, target: jax.Array, *, beta: float, scale: float | None,
+                 reduce_dims: str) -> jax.Array:
+  """[..., D] -> [...]: the per-position loss of `regression_loss` before the mean."""
+  d = pred.shape[-1]
+  per_pos = elementwise_loss(pred, target, beta)
+  if reduce_dims == "sum":
+    return per_pos.sum(-1) * (d ** -0.5 if scale is None else scale)
+  return per_pos.mean(-1) * (1.0 if scale is None else scale)
+
+
+def masked_mean(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """x [B, T, D] -> [B, D]: mean over the valid positions (all when valid is None)."""
+  if valid is None:
+    return x.mean(1)
+  w = valid.astype(x.dtype)[..., None]
+  return (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+
+
 def regression_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, *, beta: float,
                     scale: float | None, reduce_dims: str) -> tuple[jax.Array, jax.Array]:
   """Loss over positions where `mask` [B, T] is True. Returns (loss, number of masked positions).
@@ -77,12 +95,7 @@ def regression_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, *, beta
   masked positions (fairseq text/audio). "mean": mean over D and masked positions
   (data2vec_vision's F.smooth_l1_loss), times `scale` (None -> 1).
   """
-  d = pred.shape[-1]
-  per_pos = elementwise_loss(pred, target, beta)
-  if reduce_dims == "sum":
-    per_pos = per_pos.sum(-1) * (d ** -0.5 if scale is None else scale)
-  else:
-    per_pos = per_pos.mean(-1) * (1.0 if scale is None else scale)
+  per_pos = per_row_loss(pred, target, beta=beta, scale=scale, reduce_dims=reduce_dims)
   m = mask.astype(jnp.float32)
   n = m.sum()
   return (per_pos * m).sum() / jnp.maximum(n, 1.0), n

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/console.py)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -20,22 +21,11 @@ from absl import flags  # noqa: E402
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, resolved config)",
                     flag_values=FLAGS)
-flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("num_processes", None, "multi-process: number of processes", flag_values=FLAGS)
-flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=FLAGS)
+# --coordinator_address / --num_processes / --process_id / --peer_timeout: d2v_jax/distributed.py
+# (the one start-up path: TPU VM pods, SLURM, explicit flags, one process).
+from d2v_jax import distributed  # noqa: E402
 
-
-def maybe_init_distributed(fv) -> None:
-  """jax.distributed.initialize() on TPU VM pods, SLURM, or with explicit coordinator flags."""
-  import jax
-  explicit = fv.coordinator_address is not None
-  on_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  on_tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").split(",")) > 1
-  if explicit:
-    jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-  elif on_slurm or on_tpu_pod:
-    jax.distributed.initialize()
+distributed.define_flags(FLAGS)
 
 
 def preflight(workdir: str) -> None:
@@ -54,7 +44,8 @@ def preflight(workdir: str) -> None:
 
 class _Preempted:
   """SIGTERM (TPU VM maintenance, SLURM) -> save at the current step and exit 0. The previous
-  handler is put back when the run ends (tests and notebooks call run() in-process)."""
+  handler is put back when the run ends (tests and notebooks call run() in-process). With
+  several processes the flag is agreed (distributed.StopVote): all stop after the same step."""
 
   def __init__(self):
     self.flag = False
@@ -85,14 +76,18 @@ def _fault(point: str, step: int, saver=None) -> None:
   os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run(cfg, workdir: str, *, devices=None) -> dict:
+def run(cfg, workdir: str, *, devices=None, preempted: _Preempted | None = None) -> dict:
   """Trains until cfg.total_steps (or preemption). Returns the last logged metrics.
-  `devices`: a subset of jax.devices() to build the mesh on (default: all)."""
-  preempted = _Preempted()   # first, so that a SIGTERM during start-up also exits cleanly
+  `devices`: a subset of jax.devices() to build the mesh on (default: all). `preempted`: a
+  SIGTERM handler installed earlier (main() installs it before the distributed start-up)."""
+  own = preempted is None
+  if own:
+    preempted = _Preempted()   # first, so that a SIGTERM during start-up also exits cleanly
   try:
     return _run(cfg, workdir, devices, preempted)
   finally:
-    preempted.restore()
+    if own:
+      preempted.restore()
 
 
 def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
@@ -155,9 +150,14 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
   import jax
   import numpy as np
 
-  from d2v_jax import build as build_lib, config as config_lib, health, metrics as metrics_lib
+  from d2v_jax import build as build_lib, config as config_lib, distributed, health
+  from d2v_jax import metrics as metrics_lib
 
   pid, nproc = jax.process_index(), jax.process_count()
+  # Several processes: a SIGTERM that reached any of them is agreed through one tiny all-reduce
+  # per step, read with that step's metrics (one step late), so all stop after the same step.
+  votes = distributed.StopVote() if nproc > 1 else None
+  stopping = False
   data = iter(mod.data.build_dataset(cfg, workdir, start_step=data_pos, process_index=pid,
                                      process_count=nproc))
   writer = metrics_lib.Writer(workdir, enabled=pid == 0)
@@ -172,7 +172,7 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
   def flush(pending):
     """Fetches a step's metrics (one step late, so the host never stalls), runs the guards
     and logs the mean over the last log_every steps."""
-    s, m, positions = pending
+    s, m, positions, _ = pending
     m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
     if pid == 0 and not resolved_written:
       # Written once a step of this launch has run: a launch rejected at start-up (config
@@ -193,17 +193,25 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
   last, pending, stop_msg, rollbacks, resolved_written = {}, None, None, 0, []
   try:
     while step < cfg.total_steps or pending is not None:
-      dispatched = step < cfg.total_steps and not preempted.flag
+      if votes is None:
+        stopping = preempted.flag
+      dispatched = step < cfg.total_steps and not stopping
+      vote = None
       if dispatched:
         local = next(data)
         data_pos += 1
         state, m = built.step(state, build_lib.to_global(local, built.batch_shardings))
         step += 1
+        if votes is not None:
+          vote = votes.start(preempted.flag)
         hook(step, state, writer)
+      distributed.progress(step)
       verdict = None
       if pending is not None:
         last, verdict = flush(pending)
-      pending = (step, m, local["mask"].shape[1]) if dispatched else None
+        if pending[3] is not None and votes.result(pending[3]):
+          stopping = True   # every process reads this vote here: all stop after this step
+      pending = (step, m, local["mask"].shape[1], vote) if dispatched else None
 
       if verdict is not None:
         target = None
@@ -244,8 +252,11 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
       saver.poll()
       if dispatched:
         _fault("after_step", step, saver)
-      if preempted.flag and pending is None:
-        if pid == 0:
+      if stopping and pending is None:
+        if nproc > 1:   # every process says so: the tests check they agree
+          print(f"SIGTERM: saving step {step} and exiting (process {pid} of {nproc}; every "
+                "process stops after this step)", flush=True)
+        elif pid == 0:
           print(f"SIGTERM: saving step {step} and exiting", flush=True)
         saver.save(step, state, meta(), force=True)
         break
@@ -266,15 +277,34 @@ def main(argv=None) -> None:
     config_lib.die(str(e))
   if not fv.workdir:
     config_lib.die("--workdir is required (the run directory; rerun the same command to resume)")
-  maybe_init_distributed(fv)
-  t0 = time.time()
-  from d2v_jax.checkpoint import CheckpointError
+  preempted = _Preempted()   # before the start-up: a SIGTERM while joining the job also counts
   try:
-    run(fv.config, fv.workdir)
+    distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
+                           timeout=fv.peer_timeout)
+  except ValueError as e:
+    config_lib.die(str(e))
+  t0 = time.time()
+  from d2v_jax.checkpoint import CheckpointError, first_line
+  try:
+    run(fv.config, fv.workdir, preempted=preempted)
   except config_lib.ConfigError as e:
+    distributed.fail(f"error: {e}", code=2)    # several processes: tell the peers, exit 2
     config_lib.die(str(e))
   except CheckpointError as e:
+    distributed.fail(f"error: {e}", e)
     config_lib.die(str(e), code=1)
+  except SystemExit as e:   # guards: every process reaches the same verdict
+    if e.code not in (None, 0):
+      distributed.fail(str(e.code) if isinstance(e.code, str) else "error: stopped", code=1)
+    raise
+  except Exception as e:
+    # Several processes: a lost peer is named (or this error is), peers are told, exit 1
+    # without waiting in JAX's shutdown barrier. One process: the usual traceback.
+    distributed.fail(f"error: {type(e).__name__}: {first_line(e)}", e)
+    raise
+  finally:
+    preempted.restore()
+  distributed.finish()
   print(f"done in {time.time() - t0:.0f} s; run directory: {os.path.abspath(fv.workdir)}", flush=True)
 
 

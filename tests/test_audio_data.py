@@ -15,7 +15,7 @@ import tensorflow as tf
 from d2v_jax import config as config_lib
 from d2v_jax.config import ConfigError
 from d2v_jax.data import audio, order
-from d2v_jax.data.masking_audio import conv_output_length
+from d2v_jax.data.masking_audio import conv_output_length, target_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = os.path.join(ROOT, "data", "audio", "prompts")
@@ -55,30 +55,81 @@ def _take(cfg, workdir, n, start=0, process_index=0, process_count=1):
   return [next(it) for _ in range(n)]
 
 
-def test_real_batches_shapes_norm_mask_resume(prompts, tmp_path):
+def _find_crop(x: np.ndarray, row: np.ndarray) -> int:
+  """Offset of `row` inside the normalised clip x (-1: not a window of x)."""
+  for off in np.flatnonzero(np.abs(x[:len(x) - len(row) + 1] - row[0]) < 1e-4):
+    if np.allclose(x[off:off + len(row)], row, atol=1e-4):
+      return int(off)
+  return -1
+
+
+def test_real_batches_buckets_norm_mask_resume(prompts, tmp_path):
+  """runlocal (buckets of 1, 1.5 and 2 s) on the real prompts: every batch is one bucket,
+  unpadded, each row a crop of its normalised file, masks with the exact per-row count;
+  deterministic, resumable, disjoint across processes."""
   cfg = _cfg(os.path.join(PROMPTS, "*.wav"))
   audio.validate(cfg)
   idx = audio.index(cfg, str(tmp_path))
   assert audio.num_examples(idx) + idx["skipped_short"] == len(prompts)
   assert idx["lengths"].min() >= cfg.data.min_samples
+  plan = audio.bucket_plan(cfg, str(tmp_path))
+  assert plan.crops == (16_000, 24_000, 32_000) and plan.batch == (16, 8, 8)  # 8 test devices
+  assert sum(plan.count) == audio.num_examples(idx)                           # no clip left out
+  shapes = {c: (b, c) for c, b in zip(plan.crops, plan.batch)}
+  batches = _take(cfg, str(tmp_path), 8)
+  counts = target_counts(99, cfg.data.mask_prob, cfg.data.span)
+  for step, batch in enumerate(batches):
+    crop, ids = audio.batch_indices(cfg, str(tmp_path), step)
+    t = audio.frames(cfg, crop)
+    assert batch["audio"].shape == shapes[crop] and batch["audio"].dtype == np.float32
+    assert batch["mask"].shape == (len(ids), t) and batch["mask"].dtype == bool
+    assert (batch["audio_len"] == crop).all()                                # no padding
+    assert (batch["mask"].sum(1) == counts[t]).all()                         # exact count per row
+    assert (idx["lengths"][ids] >= crop).all()
+    if step < 2:  # each row is a crop of its own normalised file
+      for row, i in zip(batch["audio"], ids):
+        x = _read_wav(str(idx["paths"][i]))
+        assert _find_crop((x - x.mean()) / np.sqrt(x.var() + 1e-5), row) >= 0
+  # determinism and resume: batch 5 of a fresh stream == batch 5 of a stream started at 5
+  again = _take(cfg, str(tmp_path), 6)
+  resumed = _take(cfg, str(tmp_path), 1, start=5)[0]
+  for k in ("audio", "audio_len", "mask"):
+    np.testing.assert_array_equal(batches[5][k], again[5][k])
+    np.testing.assert_array_equal(batches[5][k], resumed[k])
+  # two processes read disjoint halves of the same global batch
+  for step in range(4):
+    crop, ids = audio.batch_indices(cfg, str(tmp_path), step)
+    halves = [audio.batch_indices(cfg, str(tmp_path), step, process_index=i, process_count=2) for i in (0, 1)]
+    assert halves[0][0] == halves[1][0] == crop
+    assert not set(halves[0][1]) & set(halves[1][1])
+    assert sorted(np.concatenate([h[1] for h in halves])) == sorted(ids)
+  p0 = _take(cfg, str(tmp_path), 1, process_index=0, process_count=2)[0]
+  assert p0["audio"].shape == (batches[0]["audio"].shape[0] // 2, batches[0]["audio"].shape[1])
+  ex = audio.example_batch(cfg, 4)
+  assert {k: v.shape for k, v in ex.items()} == {"audio": (4, 32_000), "audio_len": (4,), "mask": (4, 99)}
+
+
+def test_unbucketed_batches_pad_and_keep_the_old_order(prompts, tmp_path):
+  """data.buckets=(): one static shape, crops of max_samples right-padded, uncropped rows are
+  their normalised file sample for sample, the order is order.py's; masks never touch padding
+  and rows of equal valid length get equal counts."""
+  cfg = _cfg(os.path.join(PROMPTS, "*.wav"), buckets=())
+  idx = audio.index(cfg, str(tmp_path))
   s, t, b = cfg.data.max_samples, audio.frames(cfg, cfg.data.max_samples), cfg.batch_size
-  batches = _take(cfg, str(tmp_path), 4)
+  batches = _take(cfg, str(tmp_path), 2)
+  counts = target_counts(t, cfg.data.mask_prob, cfg.data.span)
   for batch in batches:
-    assert batch["audio"].shape == (b, s) and batch["audio"].dtype == np.float32
-    assert batch["mask"].shape == (b, t) == (b, 99) and batch["mask"].dtype == bool
+    assert batch["audio"].shape == (b, s) and batch["mask"].shape == (b, t) == (b, 99)
     lens = batch["audio_len"]
     assert (lens >= cfg.data.min_samples).all() and (lens <= s).all()
     pad = np.arange(s)[None, :] >= lens[:, None]
     assert (batch["audio"][pad] == 0).all()
     frames = conv_output_length(lens, cfg.model.conv_kernels, cfg.model.conv_strides)
     assert not (batch["mask"] & (np.arange(t)[None, :] >= frames[:, None])).any()
-    assert len(set(batch["mask"].sum(1).tolist())) == 1 and batch["mask"].sum(1)[0] >= cfg.data.span
-    for row, n in zip(batch["audio"], lens):
-      if n < s:  # uncropped utterance: normalised over exactly its valid samples
-        assert abs(row[:n].mean()) < 1e-4 and abs(row[:n].std() - 1) < 1e-3
-  # each row is its file (order.py indices), normalised; uncropped rows sample for sample
+    np.testing.assert_array_equal(batch["mask"].sum(1), counts[frames])
   ids = order.example_indices(0, num_examples=audio.num_examples(idx), global_batch=b, seed=cfg.seed,
                               process_index=0, process_count=1).numpy()
+  np.testing.assert_array_equal(audio.batch_indices(cfg, str(tmp_path), 0)[1], ids)
   checked = 0
   for j, i in enumerate(ids):
     x = _read_wav(str(idx["paths"][i]))
@@ -89,17 +140,34 @@ def test_real_batches_shapes_norm_mask_resume(prompts, tmp_path):
                                  atol=1e-4)
       checked += 1
   assert checked >= 2
-  # determinism and resume: batch 3 of a fresh stream == batch 3 of a stream started at 3
-  again = _take(cfg, str(tmp_path), 4)
-  resumed = _take(cfg, str(tmp_path), 1, start=3)[0]
-  for k in ("audio", "audio_len", "mask"):
-    np.testing.assert_array_equal(batches[3][k], again[3][k])
-    np.testing.assert_array_equal(batches[3][k], resumed[k])
-  # two processes read different halves
-  p0, p1 = (_take(cfg, str(tmp_path), 1, process_index=i, process_count=2)[0] for i in (0, 1))
-  assert p0["audio"].shape == (b // 2, s) and not np.array_equal(p0["audio"], p1["audio"])
-  ex = audio.example_batch(cfg, 4)
-  assert {k: v.shape for k, v in ex.items()} == {"audio": (4, s), "audio_len": (4,), "mask": (4, t)}
+
+
+def test_v2_batches_masks_and_visible(prompts, tmp_path):
+  """objective=v2: "mask" [b, M, T] with exactly int(T * R) masked frames per clone,
+  "visible" [b, M, K] = the ascending unmasked frames, K = T - int(T * R), per bucket;
+  example_batch has the same structure; v2 without buckets is refused."""
+  cfg = _cfg(os.path.join(PROMPTS, "*.wav"))
+  cfg.objective = "v2"
+  cfg.v2.update(dict(clone_batch=3, mask_prob=0.5, mask_adjust=0.05, mask_length=5))
+  audio.validate(cfg)
+  seen = set()
+  for step, batch in enumerate(_take(cfg, str(tmp_path), 6)):
+    b, s = batch["audio"].shape
+    t = audio.frames(cfg, s)
+    k = t - int(t * 0.5)
+    assert batch["mask"].shape == (b, 3, t) and batch["visible"].shape == (b, 3, k)
+    assert batch["visible"].dtype == np.int32 and (batch["mask"].sum(-1) == int(t * 0.5)).all()
+    want = np.stack([np.stack([np.flatnonzero(~c) for c in ex]) for ex in batch["mask"]])
+    np.testing.assert_array_equal(batch["visible"], want)
+    assert all(len({c.tobytes() for c in ex}) == 3 for ex in batch["mask"])  # distinct clones
+    seen.add(s)
+  assert len(seen) >= 2
+  ex = audio.example_batch(cfg, 2)
+  assert {k: v.shape for k, v in ex.items()} == {"audio": (2, 32_000), "audio_len": (2,),
+                                                 "mask": (2, 3, 99), "visible": (2, 3, 50)}
+  cfg.data.buckets = ()
+  with pytest.raises(ConfigError, match="objective=v2 needs length buckets"):
+    audio.validate(cfg)
 
 
 def test_flac_and_tfrecord_sources_match_wav(prompts, tmp_path):
@@ -112,7 +180,7 @@ def test_flac_and_tfrecord_sources_match_wav(prompts, tmp_path):
   for p in picks:
     subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", p,
                     str(flac_dir / os.path.basename(p).replace(".wav", ".flac"))], check=True)
-  common = dict(min_samples=0, max_samples=40_000, mask_prob=0.65)
+  common = dict(min_samples=0, max_samples=40_000, mask_prob=0.65, buckets=())
   want = sorted(tuple(np.round((x - x.mean()) / np.sqrt(x.var() + 1e-5), 4)[:100])
                 for x in map(_read_wav, picks))
 
@@ -122,7 +190,7 @@ def test_flac_and_tfrecord_sources_match_wav(prompts, tmp_path):
     assert sorted(batch["audio_len"].tolist()) == sorted(len(_read_wav(p)) for p in picks)
     return sorted(tuple(np.round(r, 4)[:100]) for r in batch["audio"])
 
-  flac = _cfg(str(flac_dir), **common)  # a directory: its *.wav / *.flac
+  flac = _cfg(str(flac_dir), **common)  # a directory: its files with audio.EXTENSIONS
   assert audio.index(flac, None)["decoders"].tolist() == [1] * 4
   np.testing.assert_allclose(rows(flac, tmp_path / "w1"), want, atol=2e-4)
 
@@ -162,7 +230,7 @@ def test_bad_files_name_their_path(prompts, tmp_path):
   _write_wav(str(d / "slow.wav"), x[::2], 8000)
   with pytest.raises(ConfigError, match=r"slow\.wav has sample rate 8000 Hz but data\.sample_rate=16000.*on_bad_rate=resample"):
     audio.index(_cfg(str(d / "*.wav"), min_samples=0), None)
-  cfg = _cfg(str(d / "*.wav"), min_samples=0, on_bad_rate="resample", max_samples=400_000)
+  cfg = _cfg(str(d / "*.wav"), min_samples=0, on_bad_rate="resample", max_samples=400_000, buckets=())
   cfg.batch_size = 1
   batch = _take(cfg, None, 1)[0]
   assert batch["audio_len"][0] == 2 * len(x[::2])
@@ -172,7 +240,7 @@ def test_bad_files_name_their_path(prompts, tmp_path):
   d = tmp_path / "later"
   d.mkdir()
   shutil.copy(good, d / "a.wav")
-  cfg = _cfg(str(d / "*.wav"), min_samples=0)
+  cfg = _cfg(str(d / "*.wav"), min_samples=0, buckets=())
   cfg.batch_size = 1
   audio.index(cfg, None)
   (d / "a.wav").write_bytes(b"RIFF" + b"\0" * 40)
@@ -233,7 +301,7 @@ def test_tfds_source(prompts, tmp_path, monkeypatch):
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
   cfg = _cfg(builder.data_dir, source="tfds", split="train", audio_key="speech", min_samples=0,
-             max_samples=40_000)
+             max_samples=40_000, buckets=())
   cfg.batch_size = 4
   idx = audio.index(cfg, None)
   assert idx["kind"] == "tfds" and len(idx["offsets"]) == 4 and int(idx["rate"]) == 16000

@@ -1,4 +1,5 @@
-"""Audio span masking (d2v_jax/data/masking_audio.py) and the instance-norm targets on padding."""
+"""Audio masks (d2v_jax/data/masking_audio.py): v1 span masks with an exact count per row,
+v2 block masks; and the instance-norm targets on padding."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from d2v_jax.data.masking_audio import conv_output_length, span_mask
+from d2v_jax.data.masking_audio import (block_mask_1d, conv_output_length, expected_masked,
+                                        span_mask, target_counts)
 
 KERNELS = (10, 3, 3, 3, 3, 2, 2)
 STRIDES = (5, 2, 2, 2, 2, 2, 2)
@@ -45,42 +47,113 @@ def test_conv_lengths_match_hf_for_odd_lengths():
   assert conv_output_length(399, KERNELS, STRIDES) == 0              # shorter than the receptive field
 
 
-def test_same_count_spans_and_padding():
-  for trial, t, lengths in _random_batches(150):
+def test_exact_count_per_row_and_padding():
+  """Every row ends with exactly target_counts[n] masked frames for its own valid length n
+  (rows of equal length: equal counts), all inside the valid length."""
+  want = target_counts(260, P, SPAN)
+  for trial, t, lengths in _random_batches(60):
+    lengths[-1] = lengths[0]  # two rows of equal length in every batch
     m = span_mask(tf.constant([trial, 3]), tf.constant(lengths), t, mask_prob=P, span=SPAN).numpy()
-    counts = m.sum(1)
-    assert len(set(counts.tolist())) == 1, (trial, counts)                 # require_same_masks
-    assert counts[0] >= min(SPAN, lengths.min())                          # min_spans=1
+    np.testing.assert_array_equal(m.sum(1), want[lengths], err_msg=str((trial, lengths)))
+    assert m.sum(1)[0] == m.sum(1)[-1]
     for i, n in enumerate(lengths):
       assert not m[i, n:].any(), (trial, i)                               # padding never masked
-      runs = _runs(m[i])
-      if lengths.min() >= SPAN:
-        assert min(runs) >= SPAN, (trial, i, runs, lengths)               # whole spans only
-      else:
-        assert all(r >= SPAN or r >= lengths.min() for r in runs)          # clipped by a short row
+      assert m[i].sum() >= min(SPAN, n)                                   # min_spans=1
 
 
-def test_mask_ratio_matches_hf_reference():
-  """Without the equal-count step our per-row draw is fairseq's / HF's: mean masked fraction
-  over many batches agrees with transformers' _compute_mask_indices (numpy RNG) to 0.01."""
+def test_expected_count_matches_hf_reference():
+  """expected_masked (exact, used for the per-row count) against transformers'
+  _compute_mask_indices (numpy RNG, one row per call so every row draws its own rounding):
+  the mean masked fraction agrees within 0.005 (~3 standard errors at 3000 rows)."""
   from transformers.models.data2vec.modeling_data2vec_audio import _compute_mask_indices
-  t, b, n = 250, 16, 40
-  ours = np.mean([span_mask(tf.constant([s, 0]), tf.fill([b], t), t, mask_prob=P, span=SPAN,
-                            same_count=False).numpy().mean() for s in range(n)])
+  e = expected_masked(250, P, SPAN)
   np.random.seed(0)
-  ref = np.mean([_compute_mask_indices((b, t), P, SPAN, min_masks=1).mean() for _ in range(n)])
-  print(f"masked fraction: ours {ours:.4f}, HF {ref:.4f}")
-  assert abs(ours - ref) < 0.01
-  assert 0.40 < ours < 0.50  # 1 - overlap losses from p=0.65 x span 10 (paper: ~49 %)
-  # same_count only trims: each row keeps the batch minimum of its own count
-  eq = span_mask(tf.constant([1, 0]), tf.fill([b], t), t, mask_prob=P, span=SPAN).numpy()
-  raw = span_mask(tf.constant([1, 0]), tf.fill([b], t), t, mask_prob=P, span=SPAN, same_count=False).numpy()
-  assert eq.sum(1)[0] == raw.sum(1).min() and (eq & ~raw).sum() <= SPAN * b
+  for n in (20, 99, 250):
+    ref = np.mean([_compute_mask_indices((1, n), P, SPAN, min_masks=1).mean() for _ in range(3000)])
+    print(f"n={n}: expected fraction {e[n] / n:.4f}, HF {ref:.4f}")
+    assert abs(e[n] / n - ref) < 0.005
+    assert abs(target_counts(250, P, SPAN)[n] - e[n]) <= 0.5
+  assert 0.48 < e[250] / 250 < 0.50  # 1 - overlap losses from p=0.65 x span 10 (paper: ~49 %)
+  assert e[5] == 5 and e[10] == 10   # a row no longer than one span is masked entirely
+
+
+def test_mixed_lengths_keep_their_own_fraction():
+  """A 2 s row (99 frames) next to a 16 s row (799 frames): each keeps its own ~49 % (the old
+  batch-minimum rule left the 16 s row 49 of 799 = 6 %, all in its first frames), spread over
+  the whole valid length, in spans (mean run length near the span)."""
+  t, rows = 799, 400
+  lengths = np.array([99, 799] * rows)
+  m = span_mask(tf.constant([5, 1]), tf.constant(lengths), t, mask_prob=P, span=SPAN).numpy()
+  e = expected_masked(t, P, SPAN)
+  frac = m.sum(1) / lengths
+  for n in (99, 799):
+    f = frac[lengths == n]
+    assert np.all(np.abs(f - e[n] / n) <= 0.5 / n), (n, np.unique(f))   # exact: round(E) / n
+    print(f"{n} frames: masked fraction {f[0]:.4f} (expected {e[n] / n:.4f})")
+  assert 0.49 < frac[1] < 0.50 and 0.49 < frac[0] < 0.50
+  assert not m[lengths == 99, 99:].any()
+  long = m[lengths == 799]
+  second_half = long[:, 400:].sum() / long.sum()
+  print(f"16 s rows: share of masked frames in the second half {second_half:.4f}")
+  assert abs(second_half - 399 / 799) < 0.02
+  runs = np.concatenate([_runs(r) for r in long])
+  print(f"mean run length {runs.mean():.2f}, runs >= span {np.mean(runs >= SPAN):.2f}")
+  assert runs.mean() > 8 and np.mean(runs >= SPAN) > 0.5
+
+
+def _one_position_per_row(m: np.ndarray, lengths: np.ndarray, bins: int, seed: int):
+  """Relative bin of ONE uniformly chosen masked frame per row (rows are independent, frames
+  of one span are not: counting every frame would inflate the chi-square), and the expected
+  bin shares under uniformity (bins hold unequal frame counts when n % bins != 0)."""
+  rng = np.random.default_rng(seed)
+  obs, exp = np.zeros(bins), np.zeros(bins)
+  for row, n in zip(m, lengths):
+    f = rng.choice(np.flatnonzero(row))
+    obs[f * bins // n] += 1
+    exp += np.bincount(np.arange(n) * bins // n, minlength=bins) / n
+  return obs, exp
+
+
+def test_masked_positions_uniform_chi_square():
+  """Masked positions are uniform over each row's valid length, edges included (the wrap):
+  chi-square over 10 relative-position bins, one masked frame per row, 4000 rows of 2 s and
+  16 s, must not reject at p = 0.001. The same statistic on the old behaviour (each 16 s row
+  keeps only its first 49 masked frames) rejects with p < 1e-12, so the test has power."""
+  from scipy import stats
+  t, rows, bins = 799, 2000, 10
+  lengths = np.array([99, 799] * rows)
+  m = span_mask(tf.constant([7, 2]), tf.constant(lengths), t, mask_prob=P, span=SPAN).numpy()
+  obs, exp = _one_position_per_row(m, lengths, bins, seed=0)
+  chi2, p = stats.chisquare(obs, exp * obs.sum() / exp.sum())
+  print(f"chi-square {chi2:.2f} (df {bins - 1}), p = {p:.3f}; bins {obs.astype(int).tolist()}")
+  assert p > 0.001
+  # edge frames: the first and last frame of 16 s rows are masked like the middle ones (~0.49)
+  long = m[lengths == 799]
+  assert 0.44 < long[:, 0].mean() < 0.54 and 0.44 < long[:, 798].mean() < 0.54
+  old = long & (np.cumsum(long, axis=1) <= 49)
+  obs, exp = _one_position_per_row(old, np.full(rows, 799), bins, seed=0)
+  assert stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue < 1e-12
 
 
 def test_min_one_span():
-  m = span_mask(tf.constant([0, 0]), tf.constant([100, 60, 40]), 100, mask_prob=0.01, span=SPAN).numpy()
-  assert m.sum(1).tolist() == [SPAN] * 3 and all(_runs(r) == [SPAN] for r in m)
+  """p so small that every row draws one span: exactly SPAN frames, one run (or two pieces
+  at both ends of the valid length when the span wraps)."""
+  lengths = [100, 60, 40]
+  m = span_mask(tf.constant([0, 0]), tf.constant(lengths), 100, mask_prob=0.01, span=SPAN).numpy()
+  assert m.sum(1).tolist() == [SPAN] * 3
+  for row, n in zip(m, lengths):
+    runs = _runs(row[:n])
+    assert runs == [SPAN] or (len(runs) == 2 and sum(runs) == SPAN and row[0] and row[n - 1]), runs
+
+
+def test_raw_draw_without_same_count():
+  """same_count=False returns the raw span draw: counts vary per row around the expectation
+  (wrapped spans are never cut at the edges, so slightly above fairseq's mean)."""
+  t, b = 250, 512
+  m = span_mask(tf.constant([3, 0]), tf.fill([b], t), t, mask_prob=P, span=SPAN, same_count=False).numpy()
+  counts = m.sum(1)
+  print(f"raw counts: mean {counts.mean():.1f} std {counts.std():.1f}, expected {expected_masked(t, P, SPAN)[t]:.1f}")
+  assert counts.std() > 3 and abs(counts.mean() / t - expected_masked(t, P, SPAN)[t] / t) < 0.02
 
 
 def test_deterministic_and_eager_equals_tf_data():
@@ -118,3 +191,60 @@ def test_instance_norm_excludes_padding_hand_computed():
   y = targets.make_targets(jnp.asarray(x), jnp.asarray(valid), top_k=1, layer_norm_kind="instance",
                            final_norm_kind="none")
   np.testing.assert_allclose(np.asarray(y), want[0], atol=1e-5)
+
+
+# ------------------------------------------------------------------ data2vec 2.0 block masks
+
+R, A, B = 0.5, 0.05, 5   # v2 audio base (ALGORITHM.md §3.4)
+
+
+def _fairseq_block_mask_1d(rng, rows: int, t: int) -> np.ndarray:
+  """numpy port of fairseq compute_block_mask_1d (require_same_masks, not inverse)."""
+  mask = np.zeros((rows, t), bool)
+  centres = rng.integers(0, t, size=(rows, int(t * ((R + A) / B))))
+  for i in range(B):
+    np.put_along_axis(mask, np.clip(centres + i - B // 2, 0, t - 1), True, axis=1)
+  target = int(t * R)
+  for row in mask:
+    n = row.sum()
+    if n > target:
+      row[rng.choice(np.flatnonzero(row), n - target, replace=False)] = False
+    elif n < target:
+      row[rng.choice(np.flatnonzero(~row), target - n, replace=False)] = True
+  return mask
+
+
+def test_block_mask_1d_exact_count_clones_and_spans():
+  """Exactly int(T * R) masked frames per row, M distinct masks per example, and the run
+  structure of fairseq's algorithm: mean run length within 10 % of the numpy port's (an
+  i.i.d. mask of the same density has mean run 2.0)."""
+  batch, clones = 16, 8
+  for t in (49, 99, 250, 799):
+    m = block_mask_1d(tf.constant([t, 1]), None, batch, clones, t, mask_prob=R, adjust=A, length=B).numpy()
+    assert m.shape == (batch, clones, t) and m.dtype == bool
+    assert (m.sum(-1) == int(t * R)).all(), (t, np.unique(m.sum(-1)))
+    for ex in m:  # M distinct masks per example
+      assert len({row.tobytes() for row in ex}) == clones
+    ours = np.concatenate([_runs(r) for r in m.reshape(-1, t)])
+    ref = np.concatenate([_runs(r) for r in _fairseq_block_mask_1d(np.random.default_rng(t), batch * clones, t)])
+    print(f"T={t}: mean run {ours.mean():.2f} (fairseq port {ref.mean():.2f}), "
+          f"masked frames in runs >= B: {ours[ours >= B].sum() / ours.sum():.2f}")
+    assert abs(ours.mean() / ref.mean() - 1) < 0.1
+    assert ours.mean() > 3.5 and ours[ours >= B].sum() / ours.sum() > 0.5
+
+
+def test_block_mask_1d_row_lengths_deterministic_eager_equals_tf_data():
+  """Per-example valid lengths: int(n * R) masked, none in the padding; the same seed gives
+  the same masks eagerly and inside tf.data; another seed other masks."""
+  lengths = np.array([99, 60, 37])
+  m = block_mask_1d(tf.constant([0, 0]), tf.constant(lengths), 3, 4, 99, mask_prob=R, adjust=A, length=B).numpy()
+  for ex, n in zip(m, lengths):
+    assert (ex.sum(-1) == int(n * R)).all() and not ex[:, n:].any()
+  fn = lambda s: block_mask_1d(s, 99, 4, 2, 99, mask_prob=R, adjust=A, length=B)
+  seeds = [tf.constant([s, 5], tf.int64) for s in range(4)]
+  eager = [fn(s).numpy() for s in seeds]
+  ds = tf.data.Dataset.from_tensor_slices(tf.stack(seeds)).map(fn, num_parallel_calls=2, deterministic=True)
+  for a, b in zip(eager, ds.as_numpy_iterator()):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(eager[0], fn(seeds[0]).numpy())
+  assert all((eager[0] != e).any() for e in eager[1:])

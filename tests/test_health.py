@@ -36,6 +36,69 @@ def test_effective_rank_from_gram_equals_svd():
   assert health.effective_rank_from_gram(x.T @ x) == pytest.approx(health.effective_rank(x), rel=1e-6)
 
 
+# ----------------------------------------------------------------------- in-step effective rank
+
+# RankMe of singular values (3, 1): p = (3/4, 1/4) -> exp(H(p)) = 1.754765...
+RANK_31 = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def _hadamard_rows(spectrum):
+  """8 rows x D = len(spectrum) (a power of 2 <= 4) whose correlation matrix has eigenvalues
+  proportional to `spectrum`: X = Z diag(sqrt(spectrum)) Q^T with Z = 4 centred orthonormal
+  Hadamard columns and Q = H_D / sqrt(D) (all |entries| equal, so every channel has the same
+  variance and the correlation is the covariance over its mean)."""
+  from scipy.linalg import hadamard
+  d = len(spectrum)
+  z = hadamard(8)[:, 1:d + 1] / math.sqrt(8)   # columns sum to 0: already centred
+  q = hadamard(d) / math.sqrt(d)
+  return z @ np.diag(np.sqrt(spectrum)) @ q.T
+
+
+def test_in_step_rank_matches_closed_forms():
+  rank = lambda x, w: float(health.masked_effective_rank(jnp.asarray(x, jnp.float32), jnp.asarray(w)))
+  eps_bump = lambda d: math.exp(d * 1e-7 * math.log(1 / 1e-7))  # RankMe's +1e-7 per entry, ~1
+  # identity correlation (4 uncorrelated channels of equal variance): rank D
+  assert rank(_hadamard_rows([1.0, 1, 1, 1]), np.ones(8)) == pytest.approx(4.0, rel=1e-5)
+  # correlation eigenvalues (9, 1, 0, 0): singular values (3, 1) -> 1.7548
+  assert RANK_31 == pytest.approx(1.754765, abs=1e-6)
+  x = _hadamard_rows([9.0, 1, 0, 0])
+  assert rank(x, np.ones(8)) == pytest.approx(RANK_31, rel=1e-5)
+  # rank 1: every row on one line, 16 channels (eigenvalues at rounding noise count as 0)
+  rng = np.random.default_rng(0)
+  one = rng.normal(size=(200, 1)) @ rng.normal(size=(1, 16))
+  assert rank(one, np.ones(200)) == pytest.approx(1.0, abs=1e-4)
+  assert rank(one, np.ones(200)) == pytest.approx(eps_bump(15), rel=1e-5)
+  # rows outside the mask do not count: [B, T, D] with garbage at unmasked positions
+  xb = np.concatenate([x, rng.normal(size=(8, 4)) * 50])[None]     # [1, 16, 4]
+  wb = np.r_[np.ones(8), np.zeros(8)][None].astype(bool)
+  assert rank(xb, wb) == pytest.approx(RANK_31, rel=1e-5)
+  assert rank(xb, np.ones((1, 16), bool)) > 2.5
+  # invariant to per-channel scale (and offset): 1e-2 .. 1e2
+  scale, shift = np.array([1e-2, 3.0, 70.0, 1e2]), np.array([5.0, -1, 0, 1e3])
+  assert rank(x * scale + shift, np.ones(8)) == pytest.approx(RANK_31, rel=1e-5)
+  g = rng.normal(size=(3, 40, 16)) @ rng.normal(size=(16, 16))    # correlated channels
+  w = rng.random((3, 40)) < 0.6
+  r0 = rank(g, w)
+  assert 2.0 < r0 < 16.0
+  assert rank(g * np.geomspace(1e-2, 1e2, 16), w) == pytest.approx(r0, rel=1e-4)
+  # = the float64 RankMe of the standardised masked rows (the offline function)
+  rows = g[w]
+  std = (rows - rows.mean(0)) / rows.std(0)
+  assert r0 == pytest.approx(health.effective_rank(std), rel=1e-4)
+  # a dead (constant) channel adds nothing: rank of 4 equal channels + 1 constant = 4
+  x5 = np.c_[_hadamard_rows([1.0, 1, 1, 1]), np.full(8, 3.0)]
+  assert rank(x5, np.ones(8)) == pytest.approx(4.0, rel=1e-5)
+
+
+def test_masked_channel_var_hand_computed():
+  # B=1, T=3, C=2; frame 2 invalid. channel 0 {1, 3} -> var 1; channel 1 {0, 4} -> var 4
+  x = jnp.asarray([[[1.0, 0.0], [3.0, 4.0], [100.0, -100.0]]])
+  assert float(health.masked_channel_var(x, jnp.asarray([[True, True, False]]))) == pytest.approx(2.5)
+  # all frames: channel 0 {1, 3, 100} var 2156.22..., channel 1 {0, 4, -100} var 2327.55...
+  want = (np.var([1.0, 3, 100]) + np.var([0.0, 4, -100])) / 2
+  assert float(health.masked_channel_var(x, None)) == pytest.approx(want, rel=1e-6)
+
+
 # ----------------------------------------------------------------------- per-step metrics
 
 
@@ -91,6 +154,35 @@ def test_train_step_logs_health_metrics():
   # with top_k = K the last K layers are logged, 1-based
   assert health.layer_names(2, 2) == ["target_var_l1", "target_var_l2"]
   assert health.layer_names(12, 3) == ["target_var_l10", "target_var_l11", "target_var_l12"]
+
+
+def test_train_step_rank_metrics_every_n_steps():
+  """rank_target of a real step = the float64 RankMe of the standardised targets at the masked
+  positions; eval.step_rank_every=2 computes it on even steps only (NaN between), and the log
+  window averages the steps that computed it."""
+  from d2v_jax import step as step_lib
+  cfg = tiny_text_config()
+  cfg.eval.step_rank_every = 2
+  built = build_lib.build(cfg, devices=jax.devices()[:1])
+  state = built.init(cfg.seed)
+  host_batch = text_data.example_batch(cfg, cfg.batch_size)
+  y, _ = step_lib.teacher_targets(built.model, state.params, state.teacher, host_batch, cfg)
+  rows = np.asarray(y, np.float64)[np.asarray(host_batch["mask"])]
+  want = health.effective_rank((rows - rows.mean(0)) / rows.std(0))
+  window, got = metrics_lib.Window(), []
+  for _ in range(3):
+    state, m = built.step(state, build_lib.to_global(host_batch, built.batch_shardings))
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    got.append(m)
+    window.add(m)
+  assert 20.0 < want < 64.0   # random init: high rank of the 64 channels
+  assert got[0]["rank_target"] == pytest.approx(want, rel=1e-3)
+  assert 1.0 < got[0]["rank_pred"] <= 64.0
+  assert math.isnan(got[1]["rank_target"]) and math.isnan(got[1]["rank_pred"])
+  assert math.isfinite(got[2]["rank_target"]) and math.isfinite(got[2]["loss"])
+  mean = window.mean()
+  assert mean["rank_target"] == pytest.approx((got[0]["rank_target"] + got[2]["rank_target"]) / 2)
+  assert mean["loss"] == pytest.approx(sum(g["loss"] for g in got) / 3)
 
 
 # ----------------------------------------------------------------------- in-training hook

@@ -9,6 +9,7 @@ dropped on import and our export writes none, so it is left out of the compariso
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -272,3 +273,86 @@ def test_init_checkpoint_mismatch_names_the_weight(trained_run):
   cfg = with_init(audio_cfg(), ckpt=workdir)
   with pytest.raises(config_lib.ConfigError, match=r"is a 'text' run; this run is 'audio'"):
     init_lib.load_run_params(workdir, cfg, build_lib.build(cfg))
+
+
+# ------------------------------------------------------ bring your own HF model (init.hf)
+
+
+@pytest.fixture(scope="module")
+def bert_vocab_model(tmp_path_factory):
+  """A perturbed random-init Data2VecText of a non-default size (3 x 96, 4 heads, mlp 160,
+  40 positions, eps 1e-12) with a BERT WordPiece vocabulary ([PAD]=0, [CLS]=2, [SEP]=3, one
+  token type), saved with its tokenizer (padding / truncation on, as published)."""
+  from byo_utils import data2vec_text_dir
+  from hf_utils import SENTENCES
+  path = str(tmp_path_factory.mktemp("bert_vocab") / "hf")
+  model, tok = data2vec_text_dir(path, SENTENCES * 4)
+  return path, model, tok
+
+
+def test_init_hf_takes_the_architecture_and_exports_it_back(bert_vocab_model, tmp_path, capsys):
+  """`python -m d2v_jax.init --hf DIR --workdir RUN` needs no model key; the export of RUN
+  equals the source in HF PyTorch on a padded batch and carries its special ids."""
+  from transformers import AutoModel, AutoTokenizer
+  src, model, tok = bert_vocab_model
+  run, out = str(tmp_path / "run"), str(tmp_path / "export")
+  init_lib.main(["--hf", src, "--workdir", run])
+  printed = capsys.readouterr().out
+  assert "model.encoder.num_layers=3, model.encoder.hidden=96, model.encoder.heads=4" in printed
+  assert f"data.tokenizer={src}" in printed and "data.block_size=39" in printed
+  export.export(run, out)
+
+  hf = json.load(open(os.path.join(out, "config.json")))
+  want = {"num_hidden_layers": 3, "hidden_size": 96, "num_attention_heads": 4,
+          "intermediate_size": 160, "max_position_embeddings": 40, "type_vocab_size": 1,
+          "layer_norm_eps": 1e-12, "vocab_size": len(tok),
+          "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}   # [PAD] [CLS] [SEP]
+  assert {k: hf[k] for k in want} == want
+  assert json.load(open(os.path.join(out, "d2v_export.json")))["step"] == 0
+  assert AutoTokenizer.from_pretrained(out).get_vocab() == tok.get_vocab()
+
+  got = AutoModel.from_pretrained(out).eval()
+  batch = tok(["In the beginning God created the heaven and the earth.", "light",
+               "And God said, Let there be light: and there was light."],
+              padding=True, return_tensors="pt")
+  valid = batch["attention_mask"].numpy().astype(bool)
+  assert valid.sum(1).tolist() == [13, 3, 16] and valid.shape[1] == 16   # really padded
+  with torch.no_grad():
+    a = model(**batch).last_hidden_state.numpy()
+    b = got(**batch).last_hidden_state.numpy()
+  assert np.abs(a).max() > 0.5
+  diff = float(np.abs(a - b)[valid].max())
+  assert diff <= 1e-5, diff
+  exported = load_file(os.path.join(out, "model.safetensors"))
+  for name, x in base_state(model).items():
+    if not name.startswith("pooler."):
+      np.testing.assert_array_equal(exported[name], x, err_msg=name)
+
+  with pytest.raises(SystemExit):       # an existing run is never overwritten
+    init_lib.main(["--hf", src, "--workdir", run])
+  assert "already holds a checkpoint (step 0)" in capsys.readouterr().err
+
+
+def test_init_hf_command_line_keys(bert_vocab_model):
+  """A model key given on the command line must agree with config.json (one-line error);
+  keys not given follow the weights, pad_id / vocab_size included, then the tokenizer checks."""
+  from reliability_utils import parse
+  from d2v_jax.data import text as text_data
+  src, _, tok = bert_vocab_model
+  base = ["--config", "configs/text.py:variant=tiny", f"--config.init.hf={src}"]
+  cfg = parse(base + ["--config.model.encoder.hidden=96"])     # agrees: fine
+  config_lib.validate(cfg)
+  enc = cfg.model.encoder
+  assert (enc.num_layers, enc.hidden, enc.heads, enc.mlp_dim, enc.layer_norm_eps) == (3, 96, 4, 160, 1e-12)
+  assert (cfg.model.max_positions, cfg.model.pad_id, cfg.model.type_vocab, cfg.model.vocab_size,
+          cfg.data.tokenizer, cfg.data.block_size, cfg.target.top_k) == (40, 0, 1, len(tok), src, 39, 2)
+  text_data.resolve_model_keys(cfg, text_data.load_tokenizer(cfg.data.tokenizer))
+  assert (cfg.model.pad_id, cfg.model.vocab_size) == (0, len(tok))
+  for flag, msg in [("model.encoder.num_layers=2", "--config.model.encoder.num_layers=2 contradicts "
+                     f"init.hf={src!r} (config.json num_hidden_layers=3)"),
+                    ("model.pad_id=1", "--config.model.pad_id=1 contradicts"),
+                    ("model.encoder.layer_norm_eps=1e-05", "config.json layer_norm_eps=1e-12")]:
+    cfg = parse(base + [f"--config.{flag}"])
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.validate(cfg)
+    assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -200,3 +200,118 @@ def test_example_batch():
   assert (b["source"][:, 0] == 0).all() and (b["source"][:, -1] == 2).all()
   np.testing.assert_array_equal(b["mask"], b["student"] == 4095)
   assert b["source"].max() < 4095 and b["mask"].sum() == 4 * 18
+
+
+# ------------------------------------------------------------- bring your own tokenizer
+
+
+def _docs(path: str) -> list[list[str]]:
+  """Documents of a text file as the files source reads them: stripped non-blank lines,
+  blank lines end a document."""
+  docs, cur = [], []
+  for line in open(path, encoding="utf-8"):
+    line = line.strip()
+    if line:
+      cur.append(line)
+    elif cur:
+      docs.append(cur)
+      cur = []
+  return docs + ([cur] if cur else [])
+
+
+@pytest.fixture(scope="module")
+def bert_dir(kjv_path, tmp_path_factory):
+  """A BERT-style WordPiece tokenizer trained on KJV with padding to 128 and truncation at 128
+  switched on in its tokenizer.json (as published tokenizers often are)."""
+  from byo_utils import bert_tokenizer
+  path = str(tmp_path_factory.mktemp("bert") / "tok")
+  with open(kjv_path) as f:
+    lines = [next(f) for _ in range(20_000)]
+  tok = bert_tokenizer(lines, path, vocab_size=2000, pad_to=128)
+  assert tok.backend_tokenizer.padding["length"] == 128
+  assert tok.backend_tokenizer.truncation["max_length"] == 128
+  return path
+
+
+def test_given_tokenizer_is_used_without_its_padding_and_truncation(bert_dir, kjv_path, tmp_path,
+                                                                    capsys):
+  """The cached corpus holds exactly the ids of encoding each line alone (no [PAD] runs, no
+  truncation of a 300-token line), [CLS]/[SEP] delimit blocks, model.pad_id follows the
+  tokenizer ([PAD]=0), masks use [MASK]=4; the whole KJV has < 1 % [UNK]."""
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(bert_dir)
+  with open(kjv_path) as f:
+    head = [next(f) for _ in range(3000)]
+  long_line = " ".join(line.strip() for line in head[3:80] if line.strip())
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("".join(head) + "\n" + long_line + "\n")
+  cfg = config(path=str(corpus), tokenizer=bert_dir)
+  assert cfg.model.pad_id == 1            # the RoBERTa default: resolved from the tokenizer
+  text.validate(cfg)
+  text.prepare(cfg, str(tmp_path / "w"))
+  assert (cfg.model.pad_id, cfg.model.vocab_size) == (0, len(tok)) and len(tok) == 2000
+  assert text.special_ids(tok) == {"bos": 2, "eos": 3, "pad": 0, "mask": 4, "unk": 1}
+
+  encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731  one line alone
+  assert len(encode(long_line)) > 300    # would be cut at 128 by the tokenizer's truncation
+  want = []
+  for doc in _docs(str(corpus)):
+    for line in doc:
+      want += encode(line)
+    want.append(3)                       # [SEP] ends a document
+  want = np.asarray(want, np.int32)
+  tok_loaded = text.resolve_tokenizer(cfg, str(tmp_path / "w"))
+  np.testing.assert_array_equal(text.token_stream(cfg, tok_loaded), want)
+  blocks = np.load(text._blocks(cfg, str(tmp_path / "w"), tok_loaded))
+  assert blocks.shape == (len(want) // 126, 128)
+  np.testing.assert_array_equal(blocks[:, 1:-1].ravel(), want[: blocks.shape[0] * 126])
+  assert (blocks[:, 0] == 2).all() and (blocks[:, -1] == 3).all()
+  assert not (blocks == 0).any() and (blocks == 1).mean() < 0.01   # no [PAD]; [UNK] rare
+  (b,) = batches(cfg, str(tmp_path / "w"), 1, start_step=0, process_index=0, process_count=1)
+  np.testing.assert_array_equal(b["mask"], b["student"] == 4)
+  assert 0.25 < b["mask"][:, 1:-1].mean() < 0.36
+
+  full = config(path=kjv_path, tokenizer=bert_dir)
+  text.prepare(full, str(tmp_path / "w"))
+  stats = text._read_stats(text._blocks(full, str(tmp_path / "w"), tok_loaded))
+  assert stats["tokens"] > 1_000_000 and stats["unk_frac"] < 0.01, stats
+  assert "% unknown tokens" in capsys.readouterr().out
+
+
+def test_wrong_tokenizer_trips_the_unknown_token_guard(kjv_path, tmp_path):
+  """A WordPiece that only knows the letters a-e maps nearly every KJV word to [UNK]: prepare
+  stops with one line naming the share and data.max_unk_frac, and caches nothing."""
+  from byo_utils import bert_tokenizer
+  bert_tokenizer(["a b c d e ab cd de bad"] * 10, str(tmp_path / "tiny"), vocab_size=30)
+  with open(kjv_path) as f:
+    (tmp_path / "c.txt").write_text("".join(next(f) for _ in range(2000)))
+  cfg = config(path=str(tmp_path / "c.txt"), tokenizer=str(tmp_path / "tiny"),
+               cache_dir=str(tmp_path / "cache"))
+  with pytest.raises(ConfigError) as e:
+    text.prepare(cfg, str(tmp_path / "w"))
+  msg = str(e.value)
+  assert "\n" not in msg and "data.max_unk_frac=0.05" in msg, msg
+  frac = float(msg.split("turns ")[1].split("%")[0])
+  assert frac > 90.0, msg
+  assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
+  cfg.data.max_unk_frac = 1.0            # the limit is a config value
+  text.prepare(cfg, str(tmp_path / "w"))
+  assert len(os.listdir(tmp_path / "cache")) == 2   # blocks + stats
+
+
+def test_progress_lines(kjv, monkeypatch, capsys, tmp_path):
+  """Caching prints progress lines with counts, share done and ETA when it takes long."""
+  cfg, workdir = kjv
+  monkeypatch.setattr(text, "PROGRESS_AFTER", 0.0)
+  monkeypatch.setattr(text, "PROGRESS_EVERY", 0.0)
+  small = tmp_path / "s.txt"
+  with open(cfg.data.path) as f:
+    small.write_text("".join(next(f) for _ in range(9000)))
+  c = config(path=str(small), tokenizer=os.path.join(workdir, "tokenizer"))
+  text.prepare(c, str(tmp_path / "w"))
+  lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("caching corpus:")]
+  assert len(lines) >= 2                 # one per 4096-line chunk
+  import re
+  assert re.match(r"caching corpus: [\d,]+ lines, [\d,]+ tokens, [\d.]+ MiB \([\d.]+ MiB/s\) "
+                  r"\| \d+% of [\d.]+ MiB \| ETA \d:\d\d:\d\d$", lines[0]), lines[0]
+  assert lines[-1].split(" | ")[1].startswith("100% of ")

@@ -342,14 +342,15 @@ def test_load_errors_name_the_weight(tmp_path, capsys):
 
 
 def test_weight_decay_mask_follows_beit():
-  """configs/vision.py optim.no_decay: decay only >= 2-D weights, never biases, norms, layer
-  scales, CLS / mask tokens or the relative position table (scanned params included)."""
+  """configs/vision.py optim.no_decay / optim.decay as data2vec_vision's optim_factory: decay
+  >= 2-D weights, the mask token and the relative position table; never biases, norms, layer
+  scales or the CLS token (scanned params included)."""
   from d2v_jax import optim
   cfg = tiny_cfg()
   params = random_params(cfg)
   decay = flatten_dict(optim.decay_mask(cfg.optim)(params))
   on = sorted("/".join(k) for k, v in decay.items() if v)
-  assert on == ["embed/patch/kernel", "encoder/layers/block/attention/key/kernel",
+  assert on == ["embed/mask_token", "embed/patch/kernel", "embed/rel_pos_bias", "encoder/layers/block/attention/key/kernel",
                 "encoder/layers/block/attention/out/kernel", "encoder/layers/block/attention/query/kernel",
                 "encoder/layers/block/attention/value/kernel", "encoder/layers/block/fc1/kernel",
                 "encoder/layers/block/fc2/kernel", "head/out/kernel"]

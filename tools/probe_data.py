@@ -1,6 +1,6 @@
 """Labelled probe sets from the real data of .ci/setup (README: Evaluation), written under data/eval/.
 
-  python tools/probe_data.py [text] [digits] [audio]      (default: all three)
+  python tools/probe_data.py [text] [digits] [audio] [lang]      (default: all four)
 
 text    data/text/kjv.txt -> every 10th chapter (chapters 10, 20, ... in Bible order, 118 in
         all) is held out of pretraining: data/eval/kjv_pretrain.txt is the KJV without them
@@ -13,6 +13,17 @@ audio   data/audio/prompts (Asterisk prompts, .ci/data/audio.sh) -> data/eval/pr
         <class>/ symlinks by the prompt's source directory: digits (numbers, days, months:
         "digits/*"), letters ("letters/*": spelled letters and symbols), phonetic (NATO
         alphabet "phonetic/*"), and voicemail (whole sentences, "vm-*").
+lang    held-out spoken language ID: the Asterisk prompts in 5 languages (en: data/audio/prompts;
+        es / fr / it / ru: data/audio/lang/<lang>, .ci/data/lang.sh). The same prompt name is
+        the same sentence in every language, so the split is by prompt name: a name is a probe
+        name when it exists in all 5 languages, is speech (no beeps / tones), lasts at least
+        LANG_MIN_SECONDS in each, and crc32(name) % LANG_PROBE_EVERY == 0. Probe:
+        data/eval/lang_id/<lang>/<name>.wav (balanced: every probe name in every language);
+        pretraining: data/eval/lang_pretrain/<lang>_<name>.wav, every other prompt of every
+        language, so no sentence of the probe (in any language) is seen in pretraining.
+        data/eval/lang_split.json lists both. Voices: en and es are the same speaker (Allison),
+        fr / it / ru one speaker each (it male): the probe mixes language and speaker
+        identity, except en vs es.
 Idempotent: existing outputs are rewritten from scratch.
 """
 
@@ -129,7 +140,61 @@ def audio() -> None:
   print(f"audio: {counts} -> {out}")
 
 
+LANG_DIRS = {"en": os.path.join("data", "audio", "prompts"),
+             **{l: os.path.join("data", "audio", "lang", l) for l in ("es", "fr", "it", "ru")}}
+LANG_NONSPEECH = re.compile(r"(beep|tone|^tt-monkeys$)")
+LANG_MIN_SECONDS = 1.0
+LANG_PROBE_EVERY = 3
+
+
+def wav_seconds(path: str) -> float:
+  import wave
+  with wave.open(path) as w:
+    return w.getnframes() / w.getframerate()
+
+
+def lang_split(dirs: dict) -> tuple[list[str], dict]:
+  """-> (probe names, {lang: {name: path}}) for the language-ID probe (see module doc)."""
+  import zlib
+  files = {}
+  for lang, d in dirs.items():
+    if not os.path.isdir(d):
+      raise SystemExit(f"{d} missing: run .ci/setup (.ci/data/audio.sh, .ci/data/lang.sh)")
+    files[lang] = {n[:-4]: os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".wav")}
+  common = sorted(set.intersection(*(set(f) for f in files.values())))
+  probe = [n for n in common
+           if zlib.crc32(n.encode()) % LANG_PROBE_EVERY == 0 and not LANG_NONSPEECH.search(n)
+           and all(wav_seconds(files[l][n]) >= LANG_MIN_SECONDS for l in files)]
+  return probe, files
+
+
+def lang() -> None:
+  import json
+  probe, files = lang_split({l: os.path.join(ROOT, d) for l, d in LANG_DIRS.items()})
+  held = set(probe)
+  out_probe, out_pre = os.path.join(OUT, "lang_id"), os.path.join(OUT, "lang_pretrain")
+  for d in (out_probe, out_pre):
+    shutil.rmtree(d, ignore_errors=True)
+  pretrain = []
+  for l, names in files.items():
+    os.makedirs(os.path.join(out_probe, l))
+    for n, path in names.items():
+      if n in held:
+        os.symlink(path, os.path.join(out_probe, l, n + ".wav"))
+      else:
+        os.makedirs(out_pre, exist_ok=True)
+        os.symlink(path, os.path.join(out_pre, f"{l}_{n}.wav"))
+        pretrain.append(f"{l}_{n}")
+  with open(os.path.join(OUT, "lang_split.json"), "w") as f:
+    json.dump({"probe_names": probe, "languages": list(files), "pretrain": pretrain,
+               "rule": f"name in all languages, speech, >= {LANG_MIN_SECONDS} s in each, "
+                       f"crc32(name) % {LANG_PROBE_EVERY} == 0"}, f, indent=1)
+  secs = sum(wav_seconds(os.path.join(out_pre, n + ".wav")) for n in pretrain)
+  print(f"lang: probe {len(probe)} prompts x {len(files)} languages -> {out_probe}; pretrain "
+        f"{len(pretrain)} clips ({secs / 60:.0f} min, no probe prompt in any language) -> {out_pre}")
+
+
 if __name__ == "__main__":
-  todo = sys.argv[1:] or ["text", "digits", "audio"]
+  todo = sys.argv[1:] or ["text", "digits", "audio", "lang"]
   for t in todo:
-    {"text": text, "digits": digits, "audio": audio}[t]()
+    {"text": text, "digits": digits, "audio": audio, "lang": lang}[t]()

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/console.py)
 
 BENCHMARKS = {
     "step": "d2v_jax.bench.step",         # our jitted step vs a PyTorch reference, per modality

@@ -1,19 +1,28 @@
-"""wav2vec2 / data2vec-audio span masking on conv frames, vectorised over a batch in TensorFlow.
+"""wav2vec2 / data2vec-audio masks on conv frames, vectorised over a batch in TensorFlow.
 
-Per row (fairseq `compute_mask_indices`, mask_selection "static", overlaps allowed,
-ALGORITHM.md §2.3): with n = valid frames (conv output length of the real samples),
-starts = max(int(mask_prob * n / span + U[0, 1)), min_spans) positions drawn uniformly
-without replacement from [0, n - span] (HF's range; fairseq's stops one frame earlier);
-each start masks `span` frames. Padding is never masked: a row shorter than `span` gets one
-span clipped at its valid length.
+data2vec 1.0 span masks, `span_mask` (fairseq `compute_mask_indices`, mask_selection
+"static", overlaps allowed, ALGORITHM.md §2.3). Per row with n valid frames (conv output
+length of its real samples): s = max(int(mask_prob * n / span + U[0, 1)), min_spans)
+starts drawn uniformly without replacement from the n valid frames, each masking `span`
+frames. A span that runs past the valid length wraps around to the row's first frames.
+That wrap is ours: fairseq / HF draw starts from [0, n - span] only, so a frame within
+`span` of either end is covered by fewer starts (the first frame is masked with p ~0.07
+instead of ~0.49); with the wrap every valid frame has the same probability.
 
-`same_count` (fairseq `require_same_masks`): every row ends with the batch minimum m of
-masked frames. fairseq drops random masked frames to get there, which breaks spans into
-runs shorter than `span`; here each row keeps its first m masked frames in time order
-instead, and if that cuts its last kept run below `span` frames, the cut run is dropped and
-the run before it is extended by the same number of frames (into unmasked frames that lie
-inside the valid length). So every run is >= `span` frames unless clipped by a valid length
-shorter than `span` (or m < span, which only such a row causes).
+Exact count per row (`same_count`, default; fairseq `require_same_masks`): every row then
+ends with exactly round(E[n]) masked frames, E[n] = the expected masked count of fairseq's /
+HF's draw at valid length n (`expected_masked`, computed exactly): random masked frames are
+removed, or random unmasked valid frames added (fairseq's require_same_masks removes random
+frames with rng.choice, down to the batch minimum). The count depends only on the row's own
+valid length, so rows of equal length (every row of a length-bucketed batch) end with the
+same count, which is what require_same_masks is for, while a 2 s row next to a 16 s row no
+longer pulls the long row down to the short row's count. Padding is never masked; a row
+shorter than `span` is masked entirely (one span, min_spans = 1).
+
+data2vec 2.0 block masks, `block_mask_1d` (fairseq `compute_block_mask_1d`, ALGORITHM.md
+§3.4): int(T * (R + A) / B) random centres per row (duplicates possible), B frames around
+each (offsets -(B // 2) .. B - B // 2 - 1, clamped at the borders), then random frames are
+added / removed until exactly int(T * R) are masked; M clones per example, each its own mask.
 
 All randomness is stateless and derived from one [2] seed: the same seed gives the same mask
 eagerly and inside tf.data, on any host, at any resume point.
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -42,53 +52,134 @@ def max_spans(num_frames: int, mask_prob: float, span: int, min_spans: int) -> i
   return int(min(num_frames, max(int(mask_prob * num_frames / span + 1), min_spans)))
 
 
+def expected_masked(max_frames: int, mask_prob: float, span: int, min_spans: int = 1) -> np.ndarray:
+  """float64 [max_frames + 1]: the expected number of masked frames of fairseq's / HF's span
+  draw (starts uniform without replacement from the C = max(n - span + 1, 1) positions
+  [0, n - span], whole spans clipped at n, overlaps merged) at every valid length n.
+
+  Frame f is covered by the w_f starts in [f - span + 1, f] ∩ [0, C - 1]; with s starts it
+  stays unmasked with probability C(C - w_f, s) / C(C, s) = prod_i<w_f (C - s - i) / (C - i);
+  s = floor(x) or floor(x) + 1 with x = mask_prob * n / span (fairseq's int(x + U[0, 1)))."""
+  key = (float(mask_prob), int(span), int(min_spans))
+  table = _TABLES.get(key)
+  if table is None or len(table) <= max_frames:  # one table per setting, grown on demand
+    table = _expected_masked(max(int(max_frames), 2 * len(table) if table is not None else 1024), *key)
+    _TABLES[key] = table
+  return table[:int(max_frames) + 1].copy()
+
+
+_TABLES: dict = {}
+
+
+def _expected_masked(max_frames: int, mask_prob: float, span: int, min_spans: int) -> np.ndarray:
+  out = np.zeros(max_frames + 1)
+  i = np.arange(span)[None, :]
+  for n in range(1, max_frames + 1):
+    c = max(n - span + 1, 1)
+    f = np.arange(n)[:, None]
+    w = np.minimum(f, c - 1) - np.maximum(0, f - span + 1) + 1            # [n, 1]
+    x = mask_prob * n / span
+    lo = int(np.floor(x))
+    for s_raw, prob in ((lo, 1.0 - (x - lo)), (lo + 1, x - lo)):
+      if prob <= 0:
+        continue
+      s = min(max(s_raw, min_spans), c)
+      ratio = np.clip((c - s - i) / np.maximum(c - i, 1), 0, None)     # terms i >= w unused
+      free = np.prod(np.where(i < w, ratio, 1.0), axis=1)
+      out[n] += prob * (n - free.sum())
+  return out
+
+
+def target_counts(max_frames: int, mask_prob: float, span: int, min_spans: int = 1) -> np.ndarray:
+  """int32 [max_frames + 1]: the exact masked count of a row of n valid frames,
+  round(expected_masked(n)) (never above n)."""
+  e = expected_masked(max_frames, mask_prob, span, min_spans)
+  return np.minimum(np.rint(e), np.arange(max_frames + 1)).astype(np.int32)
+
+
+def force_count(mask: tf.Tensor, valid: tf.Tensor, target: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """mask, valid bool [..., T] (mask inside valid), target int [...] <= valid count ->
+  bool [..., T] with exactly `target` True per row, all valid: random masked frames are
+  removed when there are too many, random unmasked valid frames added when too few."""
+  u = tf.random.stateless_uniform(tf.shape(mask), seed, dtype=tf.float32)
+  # Rank: masked frames first (random order), then unmasked valid ones, padding last.
+  key = tf.where(mask, u, tf.where(valid, u + 2.0, 4.0))
+  rank = tf.argsort(tf.argsort(key, axis=-1, stable=True), axis=-1, stable=True)
+  return (rank < tf.cast(target, tf.int32)[..., None]) & valid
+
+
+def _cover(starts: tf.Tensor, use: tf.Tensor, offsets: tf.Tensor, limit: tf.Tensor, t: int,
+           wrap: bool) -> tf.Tensor:
+  """bool [N, t]: frames starts[:, j] + offsets (j with use[:, j]) of each row, taken modulo
+  limit (wrap) or clamped to [0, limit - 1]; limit int [N] >= 1."""
+  n = tf.shape(starts)[0]
+  f = starts[..., None] + offsets[None, None, :]                           # [N, k, span]
+  lim = limit[:, None, None]
+  f = f % lim if wrap else tf.clip_by_value(f, 0, lim - 1)
+  rows = tf.broadcast_to(tf.range(n)[:, None, None], tf.shape(f))
+  hit = tf.broadcast_to(tf.cast(use, tf.int32)[..., None], tf.shape(f))
+  idx = tf.reshape(tf.stack([rows, f], axis=-1), [-1, 2])
+  return tf.tensor_scatter_nd_max(tf.zeros([n, t], tf.int32), idx, tf.reshape(hit, [-1])) > 0
+
+
 def span_mask(seed: tf.Tensor, lengths: tf.Tensor, num_frames: int, *, mask_prob: float,
               span: int, min_spans: int = 1, same_count: bool = True) -> tf.Tensor:
-  """seed int [2], lengths int [B] valid frames -> bool [B, num_frames] mask."""
+  """seed int [2], lengths int [B] valid frames -> bool [B, num_frames] mask (module
+  docstring). same_count=False: the raw span draw (its count varies per row)."""
   t = int(num_frames)
   lengths = tf.minimum(tf.cast(lengths, tf.int32), t)
   b = tf.shape(lengths)[0]
-  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
-  pos = tf.range(t, dtype=tf.int32)[None, :]
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
+  valid = tf.range(t, dtype=tf.int32)[None, :] < lengths[:, None]
 
   # Number of starts per row, float64 like fairseq's numpy so int(...) rounds the same way.
   u = tf.random.stateless_uniform([b], seeds[0], dtype=tf.float64)
   num = tf.cast(tf.floor(mask_prob * tf.cast(lengths, tf.float64) / span + u), tf.int32)
-  num = tf.maximum(num, min_spans)
-  num_cand = tf.where(lengths > 0, tf.maximum(lengths - span + 1, 1), 0)
-  num = tf.minimum(num, num_cand)
+  num = tf.minimum(tf.maximum(num, min_spans), lengths)
 
-  # Uniform choice without replacement: the `num` largest of i.i.d. keys over the candidates.
+  # Uniform choice without replacement: the `num` largest of i.i.d. keys over the valid frames.
   k = max_spans(t, mask_prob, span, min_spans)
   keys = tf.random.stateless_uniform([b, t], seeds[1], dtype=tf.float64)
-  keys = tf.where(pos < num_cand[:, None], keys, -1.0)
-  _, starts = tf.math.top_k(keys, k=k)                                   # [B, k]
+  _, starts = tf.math.top_k(tf.where(valid, keys, -1.0), k=k)              # [B, k]
   use = tf.range(k)[None, :] < num[:, None]
-  is_start = tf.reduce_sum(tf.one_hot(starts, t, dtype=tf.int32) * tf.cast(use, tf.int32)[..., None], 1)
-  # Frame f is masked iff some start lies in (f - span, f]: a difference of prefix sums.
-  c = tf.cumsum(is_start, axis=1)
-  c_before = tf.pad(c[:, :-span], [[0, 0], [span, 0]]) if span < t else tf.zeros_like(c)
-  mask = ((c - c_before) > 0) & (pos < lengths[:, None])
+  mask = _cover(starts, use, tf.range(span), tf.maximum(lengths, 1), t, wrap=True) & valid
   if not same_count:
     return mask
-  return _equalise(mask, span)
+  target = tf.gather(tf.constant(target_counts(t, mask_prob, span, min_spans)), lengths)
+  return force_count(mask, valid, target, seeds[2])
 
 
-def _equalise(mask: tf.Tensor, span: int) -> tf.Tensor:
-  """Trims every row to the batch-minimum count, keeping runs >= span (module docstring)."""
-  t = tf.shape(mask)[1]
-  pos = tf.range(t, dtype=tf.int32)[None, :]
-  mi = tf.cast(mask, tf.int32)
-  cs = tf.cumsum(mi, axis=1)
-  m = tf.reduce_min(cs[:, -1])
-  keep = mask & (cs <= m)
-  last = tf.reduce_max(tf.where(keep, pos, -1), axis=1)                        # last kept frame
-  run_start = tf.reduce_max(tf.where(~mask & (pos < last[:, None]), pos, -1), axis=1) + 1
-  q = last - run_start + 1                                                     # its run's length
-  prev_end = tf.reduce_max(tf.where(mask & (pos < run_start[:, None]), pos, -1), axis=1)
-  fix = (q < span) & (prev_end >= 0) & (last >= 0)
-  q = tf.where(fix, q, 0)[:, None]
-  prev_end = prev_end[:, None]
-  head = mask & (cs <= m - q)
-  extend = (pos > prev_end) & (pos <= prev_end + q)
-  return head | extend
+def block_mask_1d(seed: tf.Tensor, lengths_or_T, batch, clones: int, num_frames: int, *,
+                  mask_prob: float, adjust: float, length: int) -> tf.Tensor:
+  """data2vec 2.0 audio masks: bool [batch, clones, num_frames], True = masked (module
+  docstring). lengths_or_T: None or an int (every row has num_frames valid frames: the
+  length-bucketed case, exactly int(T * R) masked per row, so K = T - int(T * R) frames
+  stay visible), or int [batch] valid frames per example (each row gets int(n * R) masked
+  frames inside its valid length; padding is never masked)."""
+  t = int(num_frames)
+  if lengths_or_T is None or isinstance(lengths_or_T, (int, np.integer)):
+    if lengths_or_T is not None and int(lengths_or_T) != t:
+      raise ValueError(f"lengths_or_T={lengths_or_T} must equal num_frames={t} (or be per-row lengths)")
+    lengths = tf.fill([batch * clones], t)
+  else:
+    lengths = tf.repeat(tf.minimum(tf.cast(lengths_or_T, tf.int32), t), clones)  # sample-major
+  rows = tf.shape(lengths)[0]
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+  valid = tf.range(t, dtype=tf.int32)[None, :] < lengths[:, None]
+  # Same float64 arithmetic as fairseq's int(L * ((R + A) / B)) and int(L * R).
+  lf = tf.cast(lengths, tf.float64)
+  density = (mask_prob + adjust) / length
+  num = tf.cast(tf.floor(lf * density), tf.int32)
+  target = tf.cast(tf.floor(lf * mask_prob), tf.int32)
+  k = int(t * density)
+  if k > 0:
+    # torch.randint(0, L): uniform centres, duplicates allowed.
+    u = tf.random.stateless_uniform([rows, k], seeds[0], dtype=tf.float64)
+    centres = tf.cast(tf.floor(u * lf[:, None]), tf.int32)
+    use = tf.range(k)[None, :] < num[:, None]
+    offsets = tf.range(length) - length // 2
+    mask = _cover(centres, use, offsets, tf.maximum(lengths, 1), t, wrap=False) & valid
+  else:
+    mask = tf.zeros([rows, t], tf.bool)
+  mask = force_count(mask, valid, target, seeds[1])
+  return tf.reshape(mask, [batch, clones, t])

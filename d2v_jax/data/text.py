@@ -13,6 +13,17 @@ Packing is RoBERTa FULL-SENTENCES: one token stream with </s> after every docume
 block_size - 2 tokens, each wrapped as <s> chunk </s>; the ragged tail is dropped. Blocks are
 cached as int32 .npy keyed by (sources, sizes, mtimes, tokenizer, block_size).
 
+A given tokenizer (data.tokenizer: any HF fast tokenizer directory) is used as a tokenizer
+only: the padding and truncation its tokenizer.json may switch on are switched off for corpus
+encoding, and the special tokens are its own. Block delimiters are its bos / eos tokens
+(<s> </s>), or cls / sep ([CLS] [SEP]) when it has none; the pad and mask tokens are its pad
+and mask tokens, and model.pad_id follows the tokenizer unless it was set on the command line.
+The share of the corpus that encodes to the unknown token is printed with the cache; above
+data.max_unk_frac (default 0.05) the run stops with one line (a tokenizer that does not fit
+the text: wrong vocabulary, casing or normalisation). Tokenizer training and corpus caching
+print a progress line with counts and ETA every PROGRESS_EVERY seconds once they take longer
+than PROGRESS_AFTER seconds.
+
 Batches follow d2v_jax/data/order.py (step -> indices, O(1) resume, disjoint per process) and
 are masked per batch by d2v_jax/data/masking_text.py: {"source", "student", "mask"}.
 """
@@ -35,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from d2v_jax.config import ConfigError
-from d2v_jax.data import order
+from d2v_jax.data import masking_v2, order
 from d2v_jax.data.masking_text import MaskSpec, mask_tokens
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3; <mask> is the last id
@@ -43,7 +54,59 @@ SOURCES = ("files", "tfrecord", "tfds")
 _MASK_SALT = 0x7E47     # separates the mask stream from the order stream (same cfg.seed)
 _READ_BATCH = 4096      # text units per tokenizer call
 _CONST_BYTES = 256 << 20  # blocks up to this size live in a tf constant; above: memmap
-_CACHE_VERSION = 1      # bump when packing changes
+_CACHE_VERSION = 2      # bump when packing changes (2: tokenizer padding / truncation off)
+MAX_UNK_FRAC = 0.05     # default of data.max_unk_frac
+PROGRESS_AFTER = 5.0    # seconds before the first progress line
+PROGRESS_EVERY = 10.0   # seconds between progress lines
+
+
+def _log(msg: str) -> None:
+  """One console line from process 0 (every process prepares the data)."""
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.process_index() != 0:
+    return
+  print(msg, flush=True)
+
+
+class Progress:
+  """Periodic progress lines (counts, rate, ETA when the total size is known) for a long
+  loop; silent when the loop is done within PROGRESS_AFTER seconds."""
+
+  def __init__(self, what: str, total_bytes: int | None = None):
+    self.what, self.total = what, total_bytes
+    self.t0 = self.last = time.time()
+    self.units = self.tokens = self.bytes = 0
+    self.printed = False
+
+  def update(self, units: int, nbytes: int, tokens: int = 0) -> None:
+    self.units += units
+    self.bytes += nbytes
+    self.tokens += tokens
+    now = time.time()
+    if now - self.t0 >= PROGRESS_AFTER and (not self.printed or now - self.last >= PROGRESS_EVERY):
+      self.last = now
+      self.printed = True
+      _log(self.line(now))
+
+  def line(self, now: float) -> str:
+    dt = max(now - self.t0, 1e-9)
+    msg = f"{self.what}: {self.units:,} lines"
+    if self.tokens:
+      msg += f", {self.tokens:,} tokens"
+    msg += f", {self.bytes / 2**20:,.1f} MiB ({self.bytes / 2**20 / dt:.1f} MiB/s)"
+    if self.total:
+      frac = min(self.bytes / self.total, 1.0)
+      eta = (1 - frac) * dt / max(frac, 1e-9)
+      msg += f" | {100 * frac:.0f}% of {self.total / 2**20:,.1f} MiB | ETA {_hms(eta)}"
+    return msg
+
+  def elapsed(self) -> float:
+    return time.time() - self.t0
+
+
+def _hms(seconds: float) -> str:
+  s = int(round(seconds))
+  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -107,8 +170,35 @@ def resolve_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
     return load_tokenizer(cfg.data.tokenizer)
   out = os.path.join(_local_dir(workdir), "tokenizer")
   if not os.path.isdir(out):
-    train_tokenizer(_text_units(cfg), cfg.data.vocab_size, out)
+    progress = Progress(f"training tokenizer (vocab {cfg.data.vocab_size}): read",
+                        _total_bytes(cfg))
+
+    def units():
+      for u in _text_units(cfg):
+        progress.update(1, len(u) + 1)
+        yield u
+      if progress.printed:
+        _log(f"training tokenizer: read {progress.units:,} lines in {progress.elapsed():.0f} s; "
+             "computing merges")
+
+    train_tokenizer(units(), cfg.data.vocab_size, out)
+    if progress.printed:
+      _log(f"training tokenizer: done in {progress.elapsed():.0f} s ({out})")
   return load_tokenizer(out)
+
+
+def corpus_encoder(tok):
+  """A copy of tok's Rust tokenizer with padding and truncation off (a published
+  tokenizer.json often pads and truncates every encoding to 128 or 512 tokens)."""
+  from tokenizers import Tokenizer
+  backend = getattr(tok, "backend_tokenizer", None)
+  if backend is None:
+    raise ConfigError(f"tokenizer {tok.name_or_path!r} is not a fast tokenizer (no "
+                      "tokenizer.json); save it with a `tokenizers` backend")
+  backend = Tokenizer.from_str(backend.to_str())
+  backend.no_padding()
+  backend.no_truncation()
+  return backend
 
 
 def _tokenizer_hash(tok) -> str:
@@ -246,32 +336,75 @@ def _text_units(cfg) -> Iterator[str]:
   return (u for u in _units(cfg) if u is not None)
 
 
+def _total_bytes(cfg) -> int | None:
+  """Size of the corpus files (progress ETA); None for tfrecord / tfds."""
+  if cfg.data.source != "files":
+    return None
+  try:
+    return sum(tf.io.gfile.stat(f).length for f in _glob(cfg.data.path))
+  except ConfigError:
+    return None
+
+
 # -------------------------------------------------------------------------------- packing
 
 
 def _bos_eos(tok) -> tuple[int, int]:
-  """Block delimiters: RoBERTa <s> / </s>, BERT-style [CLS] / [SEP]."""
-  bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-  eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+  """Block delimiters: the tokenizer's bos / eos (RoBERTa <s> / </s>), else its cls / sep
+  (BERT [CLS] / [SEP])."""
+  bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+  eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
   if bos is None or eos is None:
-    raise ConfigError(f"tokenizer {tok.name_or_path!r} needs <s>/</s> (or cls/sep) tokens")
+    raise ConfigError(f"tokenizer {tok.name_or_path!r} has neither bos/eos nor cls/sep tokens "
+                      "(<s> </s> or [CLS] [SEP]); blocks need both delimiters")
   return bos, eos
 
 
-def token_stream(cfg, tok) -> np.ndarray:
-  """int32 stream of the corpus: tokens of each document followed by </s>."""
+def special_ids(tok) -> dict:
+  """The tokenizer's own special ids (what the export's config.json carries)."""
+  bos, eos = _bos_eos(tok)
+  return {"bos": bos, "eos": eos, "pad": tok.pad_token_id, "mask": tok.mask_token_id,
+          "unk": tok.unk_token_id}
+
+
+def token_stream(cfg, tok, progress: Progress | None = None) -> np.ndarray:
+  """int32 stream of the corpus: tokens of each document followed by </s> (the eos)."""
   _, eos = _bos_eos(tok)
-  backend = tok.backend_tokenizer
+  backend = corpus_encoder(tok)
   encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: faster
   pieces: list = []
   units = _units(cfg)
   while chunk := list(itertools.islice(units, _READ_BATCH)):
-    encoded = iter(encode([u for u in chunk if u is not None], add_special_tokens=False))
-    pieces += [(eos,) if u is None else next(encoded).ids for u in chunk]
+    texts = [u for u in chunk if u is not None]
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    it = iter(ids)
+    pieces += [(eos,) if u is None else next(it) for u in chunk]
+    if progress is not None:
+      progress.update(len(texts), sum(map(len, texts)) + len(texts), sum(map(len, ids)))
   stream = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32)
-  # Literal "<mask>" / "<s>" text in the corpus must not become a special token mid-stream.
-  stream[np.isin(stream, list(set(tok.all_special_ids) - {eos}))] = tok.unk_token_id
+  # Literal "<mask>" / "[CLS]" text in the corpus must not become a special token mid-stream.
+  literal = np.isin(stream, list(set(tok.all_special_ids) - {eos}))
+  if tok.unk_token_id is not None:
+    stream[literal] = tok.unk_token_id
+  else:
+    stream = stream[~literal]
   return stream
+
+
+def unk_fraction(stream: np.ndarray, tok) -> float:
+  if tok.unk_token_id is None or len(stream) == 0:
+    return 0.0
+  return float(np.count_nonzero(stream == tok.unk_token_id) / len(stream))
+
+
+def _check_unk(cfg, tok, frac: float, tokens: int) -> None:
+  limit = float(cfg.data.get("max_unk_frac", MAX_UNK_FRAC))
+  if frac > limit:
+    raise ConfigError(
+        f"tokenizer {tok.name_or_path!r} turns {100 * frac:.1f}% of the {tokens:,} corpus tokens "
+        f"into its unknown token {tok.unk_token!r} (data.max_unk_frac={limit}): it does not fit "
+        "this text (vocabulary, casing or normalisation); use a matching tokenizer, or none to "
+        "train one")
 
 
 def pack(stream: np.ndarray, block_size: int, bos: int, eos: int) -> np.ndarray:
@@ -292,11 +425,34 @@ def _check_positions(cfg) -> None:
 
 
 def _check_tokenizer(cfg, tok) -> None:
+  if tok.pad_token_id is None:
+    raise ConfigError(f"tokenizer {tok.name_or_path!r} has no pad token; add one (<pad> or "
+                      "[PAD]) to it")
   if tok.pad_token_id != cfg.model.pad_id:
     raise ConfigError(f"tokenizer pad id {tok.pad_token_id} != model.pad_id={cfg.model.pad_id}; "
-                      "set --config.model.pad_id or use a RoBERTa-style tokenizer")
+                      "drop --config.model.pad_id (it follows the tokenizer) or use the "
+                      "tokenizer of the weights")
   if tok.mask_token_id is None:
-    raise ConfigError(f"tokenizer {tok.name_or_path!r} has no mask token; add <mask>")
+    raise ConfigError(f"tokenizer {tok.name_or_path!r} has no mask token; add <mask> or [MASK]")
+
+
+def resolve_model_keys(cfg, tok) -> None:
+  """model.pad_id and model.vocab_size from the tokenizer, unless set on the command line or
+  fixed by an init.hf directory (d2v_jax/init.py): then they must agree with it."""
+  from d2v_jax import config as config_lib
+  fixed = config_lib.explicit_keys(cfg)
+  if "model.pad_id" not in fixed and tok.pad_token_id is not None:
+    cfg.model.pad_id = int(tok.pad_token_id)
+  _check_tokenizer(cfg, tok)
+  n = len(tok)
+  if "model.vocab_size" in fixed and cfg.model.vocab_size is not None:
+    if cfg.model.vocab_size < n:
+      raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                        f"{n} ids of tokenizer {tok.name_or_path!r}; use the tokenizer of the "
+                        "weights or drop --config.model.vocab_size")
+  else:
+    cfg.model.vocab_size = n
+  _check_positions(cfg)
 
 
 def _blocks(cfg, workdir: str, tok) -> str:
@@ -305,8 +461,14 @@ def _blocks(cfg, workdir: str, tok) -> str:
   cache = cfg.data.cache_dir or os.path.join(_local_dir(workdir), "data_cache")
   path = os.path.join(cache, hashlib.sha256(key.encode()).hexdigest()[:20] + ".npy")
   if os.path.exists(path):
+    stats = _read_stats(path)
+    if stats:
+      _check_unk(cfg, tok, stats["unk_frac"], stats["tokens"])
     return path
-  stream = token_stream(cfg, tok)
+  progress = Progress("caching corpus", _total_bytes(cfg))
+  stream = token_stream(cfg, tok, progress)
+  frac = unk_fraction(stream, tok)
+  _check_unk(cfg, tok, frac, len(stream))
   blocks = pack(stream, cfg.data.block_size, *_bos_eos(tok))
   if len(blocks) == 0:
     raise ConfigError(
@@ -317,19 +479,33 @@ def _blocks(cfg, workdir: str, tok) -> str:
   with os.fdopen(fd, "wb") as f:
     np.save(f, blocks)
   os.chmod(tmp, 0o644)  # mkstemp makes it private
+  stats = {"tokens": int(len(stream)), "unk_frac": frac, "blocks": int(len(blocks))}
+  with open(path + ".json.tmp", "w") as f:
+    json.dump(stats, f)
+  os.replace(path + ".json.tmp", path + ".json")
   os.replace(tmp, path)
+  _log(f"cached corpus: {len(stream):,} tokens -> {len(blocks):,} blocks of "
+       f"{cfg.data.block_size}, {100 * frac:.2f}% unknown tokens ({progress.elapsed():.0f} s)")
   return path
+
+
+def _read_stats(path: str) -> dict | None:
+  try:
+    with open(path + ".json") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 # ------------------------------------------------------------------------ modality protocol
 
 
 def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  """Tokenizer (trained if none is given), model.vocab_size, and the packed block cache."""
+  """Tokenizer (trained if none is given), model.vocab_size / pad_id from it, and the packed
+  block cache (with its unknown-token guard)."""
   _check_positions(cfg)
   tok = resolve_tokenizer(cfg, workdir)
-  _check_tokenizer(cfg, tok)
-  cfg.model.vocab_size = len(tok)
+  resolve_model_keys(cfg, tok)
   _blocks(cfg, workdir, tok)
 
 
@@ -385,6 +561,8 @@ def tf_dataset(cfg: ml_collections.ConfigDict, workdir: str, *, start_step: int,
   def make(step, idx):
     source = rows(idx)
     seed = order.batch_seed(cfg.seed, step, process_index, _MASK_SALT)
+    if cfg.get("objective", "v1") == "v2":
+      return {"source": source, **masking_v2.random_batch(cfg, seed, b, t)}
     student, mask = mask_tokens(source, seed, spec)
     return {"source": source, "student": student, "mask": mask}
 
@@ -409,6 +587,9 @@ def example_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
   mask = np.zeros((batch_size, t), bool)
   mask[:, 1:-1:7] = True
   student = np.where(mask, vocab - 1, source).astype(np.int32)
+  if cfg.get("objective", "v1") == "v2":
+    v2 = masking_v2.random_batch(cfg, tf.constant([0, 0], tf.int64), batch_size, t)
+    return {"source": source, **{k: v.numpy() for k, v in v2.items()}}
   return {"source": source, "student": student, "mask": mask}
 
 

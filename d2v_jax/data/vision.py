@@ -3,7 +3,9 @@
   python -m d2v_jax.data.vision --config configs/vision.py:variant=tiny,runlocal --steps 3
 
 Sources (cfg.data.source):
-  "files"     a directory tree or comma-separated globs of jpg/png (cfg.data.extensions),
+  "files"     a directory tree or comma-separated globs of images: every format TF's decoder
+              reads (EXTENSIONS: jpg/jpeg, png, gif, bmp, webp), or the subset in
+              cfg.data.extensions when it is not empty; the probe reads the same list,
               read by random access: batch `s` of process `p` holds the dataset indices of
               d2v_jax/data/order.py (seeded per-epoch permutation of global example numbers
               g = s * B + p * b + j), so resuming at any step costs O(1).
@@ -16,6 +18,10 @@ Sources (cfg.data.source):
               (seed, process_index, process_count); resume skips the raw records (no decode)
               of the current epoch.
 
+Images with an alpha channel (PNG, WebP, BMP; gray + alpha too) are composited onto
+data.background (default white, (255, 255, 255)) in training and in the probe alike
+(decode_rgb); GIF frames are read as RGB (TF's decoder drops GIF transparency).
+
 Per example (seeded by its global example number g, so the same on resume): decode, random
 resized crop (area data.crop_scale, aspect data.crop_ratio; JPEG decodes only the crop
 window), bicubic resize to model.image_size, horizontal flip, colour jitter (brightness,
@@ -26,7 +32,8 @@ data.mean / data.std. Per batch: BEiT block masks (d2v_jax/data/masking_vision.p
 Bad images (unreadable, empty, not an image, truncated: a JPEG without its end marker, a PNG
 that fails to decode): with data.on_bad_image="skip" the example stays in its batch (so the
 order is untouched) with an all-False mask, so it adds nothing to the loss; the count and
-path are reported on stderr and in `iterator.bad_images`. With "stop" the first one stops the
+path are reported on stderr once per file (later epochs only count it) and in
+`iterator.bad_images` (every skip) / `iterator.bad_paths` (distinct files). With "stop" the first one stops the
 run with BadImageError naming the file. A batch in which no image loads always stops the run
 (that is a wrong data.path / data.image_key, not a few bad files).
 
@@ -51,10 +58,14 @@ import numpy as np
 import tensorflow as tf
 
 from d2v_jax.config import ConfigError
-from d2v_jax.data import order
+from d2v_jax.data import masking_v2, order
 from d2v_jax.data.masking_vision import BEIT_MASK_RATIO, BlockMaskSpec, block_masks
 
 SOURCES = ("files", "tfrecord", "tfds")
+# What tf.io.decode_image reads (BMP, GIF, JPEG, PNG, WebP): the one list of image formats of
+# the trainer (data.source=files), the probe and the tools.
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+BACKGROUND = (255, 255, 255)   # default of data.background: alpha is composited onto white
 _MASK_SALT = 0xB10C      # mask stream (per batch), apart from the order stream
 _AUG_SALT = 0xA06        # augmentation stream (per example)
 _JPEG_TAIL = 256         # a JPEG's end marker (FF D9) must lie in its last bytes
@@ -74,6 +85,41 @@ def mask_spec(cfg) -> BlockMaskSpec:
 
 def num_patches(cfg) -> int:
   return (cfg.model.image_size // cfg.model.patch_size) ** 2
+
+
+def image_extensions(cfg) -> tuple[str, ...]:
+  """data.extensions when set (each must be in EXTENSIONS), else EXTENSIONS."""
+  exts = tuple(e.lower() if e.startswith(".") else "." + e.lower()
+               for e in (cfg.data.get("extensions", ()) or ()))
+  unknown = sorted(set(exts) - set(EXTENSIONS))
+  if unknown:
+    raise ConfigError(f"data.extensions holds {unknown}, which TF's image decoder cannot read; "
+                      f"readable: {list(EXTENSIONS)}")
+  return exts or EXTENSIONS
+
+
+def background(cfg) -> tuple[float, float, float]:
+  """data.background (RGB 0..255 onto which transparent pixels are composited)."""
+  bg = tuple(float(v) for v in cfg.data.get("background", BACKGROUND))
+  if len(bg) != 3 or not all(0.0 <= v <= 255.0 for v in bg):
+    raise ConfigError(f"data.background={bg} must be 3 values in [0, 255] (RGB)")
+  return bg
+
+
+def decode_rgb(data: tf.Tensor, bg=BACKGROUND) -> tf.Tensor:
+  """Encoded image (any EXTENSIONS format) -> float32 [H, W, 3] in [0, 255]. Gray is
+  replicated; an alpha channel is composited onto `bg`: rgb * a + bg * (1 - a)."""
+  img = tf.cast(tf.io.decode_image(data, channels=0, expand_animations=False), tf.float32)
+  opaque = lambda x: tf.fill(tf.shape(x[..., :1]), 255.0)  # noqa: E731
+  rgba = tf.switch_case(tf.shape(img)[-1] - 1, [
+      lambda: tf.concat([tf.tile(img[..., :1], [1, 1, 3]), opaque(img)], -1),      # gray
+      lambda: tf.concat([tf.tile(img[..., :1], [1, 1, 3]), img[..., 1:2]], -1),    # gray + alpha
+      lambda: tf.concat([img[..., :3], opaque(img)], -1),                          # RGB
+      lambda: img[..., :4],                                                        # RGBA
+  ])
+  a = rgba[..., 3:] / 255.0
+  out = rgba[..., :3] * a + tf.constant(bg, tf.float32) * (1.0 - a)
+  return tf.ensure_shape(out, [None, None, 3])
 
 
 def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -96,6 +142,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       (bool(d.path), "data.path is empty; set --config.data.path to an image directory / glob, "
                      "TFRecord glob or tfds name"),
       (d.on_bad_image in ("skip", "stop"), f"data.on_bad_image={d.on_bad_image!r}: use skip or stop"),
+      (len(tuple(d.get("background", BACKGROUND))) == 3
+       and all(0 <= v <= 255 for v in d.get("background", BACKGROUND)),
+       f"data.background={tuple(d.get('background', BACKGROUND))} must be 3 values in [0, 255] (RGB)"),
       (0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
        f"data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < min <= max <= 1"),
       (0 < d.crop_ratio[0] <= d.crop_ratio[1],
@@ -110,20 +159,25 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ConfigError(msg)
   mask_spec(cfg).validate()
+  image_extensions(cfg)
 
 
 def example_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
   """Batch with the real shapes/dtypes (model init, AOT compile); no files are read."""
   s = cfg.model.image_size
+  image = np.zeros((batch_size, s, s, cfg.model.channels), np.float32)
+  if cfg.get("objective", "v1") == "v2":
+    v2 = masking_v2.block_2d_batch(cfg, tf.constant([0, 0], tf.int64), batch_size,
+                                   s // cfg.model.patch_size)
+    return {"image": image, **{k: v.numpy() for k, v in v2.items()}}
   one = block_masks(tf.constant([0, 0], tf.int64), 1, mask_spec(cfg)).numpy()
-  return {"image": np.zeros((batch_size, s, s, cfg.model.channels), np.float32),
-          "mask": np.repeat(one, batch_size, axis=0)}
+  return {"image": image, "mask": np.repeat(one, batch_size, axis=0)}
 
 
 # ------------------------------------------------------------------------------ sources
 
 
-def list_images(path: str, extensions) -> list[str]:
+def list_images(path: str, extensions=EXTENSIONS) -> list[str]:
   """Sorted image files under comma-separated directories / globs (directories recursively)."""
   exts = tuple(e.lower() for e in extensions)
   out = set()
@@ -315,12 +369,13 @@ def _augment(data: tf.Tensor, seed: tf.Tensor, cfg) -> tf.Tensor:
     return tf.image.decode_and_crop_jpeg(data, tf.stack([y, x, h, w]), channels=3)
 
   def other():
-    img = tf.io.decode_image(data, channels=3, expand_animations=False)
+    img = decode_rgb(data, bg)
     y, x, h, w = window(tf.shape(img))
     return img[y:y + h, x:x + w]
 
-  img = tf.cond(tf.io.is_jpeg(data), jpeg, other)
-  img = tf.image.resize(tf.cast(img, tf.float32), [size, size], method="bicubic", antialias=True)
+  bg = background(cfg)
+  img = tf.cond(tf.io.is_jpeg(data), lambda: tf.cast(jpeg(), tf.float32), other)
+  img = tf.image.resize(img, [size, size], method="bicubic", antialias=True)
   img = tf.clip_by_value(img / 255.0, 0.0, 1.0)
   if d.flip:
     img = tf.image.stateless_random_flip_left_right(img, seeds[1])
@@ -373,7 +428,7 @@ def tf_dataset(cfg: ml_collections.ConfigDict, workdir: str, *, start_step: int,
   par = tf.data.AUTOTUNE
 
   if cfg.data.source == "files":
-    files = list_images(cfg.data.path, cfg.data.extensions)
+    files = list_images(cfg.data.path, image_extensions(cfg))
     paths = tf.constant(files)
     ds = order.index_batches(len(files), B, seed=cfg.seed, start_step=start_step,
                              process_index=p, process_count=process_count)
@@ -399,6 +454,9 @@ def tf_dataset(cfg: ml_collections.ConfigDict, workdir: str, *, start_step: int,
 
   def add_mask(batch, step):
     seed = order.batch_seed(cfg.seed, step, p, _MASK_SALT)
+    if cfg.get("objective", "v1") == "v2":  # exact counts: the visible gather is static
+      batch.update(masking_v2.block_2d_batch(cfg, seed, b, cfg.model.image_size // cfg.model.patch_size))
+      return batch
     batch["mask"] = block_masks(seed, b, spec) & batch["ok"][:, None]
     return batch
 
@@ -420,7 +478,7 @@ def describe_bad(src: str) -> str:
     data = tf.io.read_file(src)
     if tf.io.is_jpeg(data) and not bool(_jpeg_complete(data)):
       return "truncated JPEG (no end-of-image marker)"
-    tf.io.decode_image(data, channels=3, expand_animations=False)
+    decode_rgb(data)
   except (tf.errors.OpError, OSError) as e:
     msg = getattr(e, "message", str(e)).strip().splitlines()[0]
     return msg.split("}}")[-1].split("[Op:")[0].strip() or type(e).__name__
@@ -428,13 +486,15 @@ def describe_bad(src: str) -> str:
 
 
 class ImageBatches:
-  """Iterator of {"image", "mask"} numpy batches; counts / reports / stops on bad images."""
+  """Iterator of {"image", "mask"} numpy batches; counts / reports / stops on bad images.
+  A skipped file is warned about once (with why); every later skip of it is only counted."""
 
   def __init__(self, ds: tf.data.Dataset, on_bad: str):
     self._it = ds.as_numpy_iterator()
     self._on_bad = on_bad
-    self.bad_images = 0
-    self.bad_paths: list[str] = []   # the first 1000
+    self.bad_images = 0              # skips, every epoch counted
+    self.bad_paths: list[str] = []   # distinct files, the first 1000
+    self._warned: set[str] = set()
 
   def __iter__(self):
     return self
@@ -451,14 +511,18 @@ class ImageBatches:
     if not ok.all():
       for src in srcs[~ok]:
         src = src.decode("utf-8", errors="replace")
-        why = describe_bad(src)
         if self._on_bad == "stop":
-          raise BadImageError(f"bad image {src}: {why} (data.on_bad_image='stop'; fix or remove "
-                              "the file, or set --config.data.on_bad_image=skip)")
+          raise BadImageError(f"bad image {src}: {describe_bad(src)} (data.on_bad_image='stop'; "
+                              "fix or remove the file, or set --config.data.on_bad_image=skip)")
         self.bad_images += 1
+        if src in self._warned:
+          continue
+        self._warned.add(src)
+        why = describe_bad(src)
         if len(self.bad_paths) < 1000:
           self.bad_paths.append(src)
-        print(f"warning: skipped bad image {src}: {why} ({self.bad_images} skipped so far)",
+        print(f"warning: skipped bad image {src}: {why} ({len(self._warned)} bad files, "
+              f"{self.bad_images} skips so far; later skips of it are only counted)",
               file=sys.stderr, flush=True)
     return batch
 

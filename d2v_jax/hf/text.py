@@ -68,8 +68,9 @@ def _check_representable(cfg) -> None:
           "use the configs/text.py encoder settings to export to Hugging Face")
 
 
-def hf_config(cfg):
-  """transformers.Data2VecTextConfig for our text model (conversion-script values: 514/1/1e-5)."""
+def hf_config(cfg, bos_id: int = 0, eos_id: int = 2):
+  """transformers.Data2VecTextConfig for our text model (conversion-script values: 514/1/1e-5).
+  bos / eos default to RoBERTa's <s>=0 / </s>=2; export() passes the tokenizer's own."""
   from transformers import Data2VecTextConfig
   _check_representable(cfg)
   m, enc = cfg.model, cfg.model.encoder
@@ -79,7 +80,7 @@ def hf_config(cfg):
       hidden_dropout_prob=enc.dropout, attention_probs_dropout_prob=enc.attention_dropout,
       max_position_embeddings=m.max_positions, type_vocab_size=m.type_vocab,
       initializer_range=0.02, layer_norm_eps=enc.layer_norm_eps, pad_token_id=m.pad_id,
-      bos_token_id=0, eos_token_id=2, position_embedding_type="absolute")
+      bos_token_id=int(bos_id), eos_token_id=int(eos_id), position_embedding_type="absolute")
 
 
 _get, _put = common.get_path, common.put_path
@@ -211,7 +212,8 @@ def _default_tokenizer_dir(workdir: str) -> str:
   return os.path.join(_local_dir(workdir), "tokenizer")
 
 
-def _write_tokenizer(cfg, workdir: str, out_dir: str) -> None:
+def _write_tokenizer(cfg, workdir: str, out_dir: str):
+  """Copies the run's tokenizer files into out_dir; returns the tokenizer loaded from there."""
   src = cfg.data.get("tokenizer", "") or _default_tokenizer_dir(workdir)
   from transformers import AutoTokenizer
   if os.path.isdir(src):
@@ -225,16 +227,19 @@ def _write_tokenizer(cfg, workdir: str, out_dir: str) -> None:
   else:
     raise ValueError(f"no tokenizer at {src} (the text data pipeline writes it there); set "
                      "--config.data.tokenizer to the tokenizer used for training")
-  pad = AutoTokenizer.from_pretrained(out_dir).pad_token_id
+  tok = AutoTokenizer.from_pretrained(out_dir)
+  pad = tok.pad_token_id
   if pad != cfg.model.pad_id:
     raise ValueError(f"tokenizer {src} has pad_token_id={pad} but model.pad_id={cfg.model.pad_id}; "
                      "HF position ids would be wrong: export with the tokenizer used for training")
+  return tok
 
 
 def export(params, cfg, out_dir: str, workdir: str) -> None:
   """Writes a Hugging Face directory for our text model.
 
-  out_dir/: config.json (Data2VecTextConfig, architectures ["Data2VecTextModel"]),
+  out_dir/: config.json (Data2VecTextConfig, architectures ["Data2VecTextModel"]; bos / eos /
+  pad ids are the tokenizer's own: <s> </s> <pad>, or [CLS] [SEP] [PAD] for a BERT vocabulary),
   model.safetensors (PyTorch names, float32, no pooler), the tokenizer files (from
   cfg.data.tokenizer, else WORKDIR/tokenizer), d2v_config.json (the resolved training config),
   and flax_model.msgpack: the same weights as a FlaxRobertaModel tree plus a freshly
@@ -250,11 +255,12 @@ def export(params, cfg, out_dir: str, workdir: str) -> None:
   for the official data2vec-text / roberta checkpoints. FlaxRobertaModel loaded with
   _do_init=False needs every parameter, so the msgpack keeps a pooler.
   """
+  from d2v_jax.data.text import special_ids
   os.makedirs(out_dir, exist_ok=True)
-  hf_cfg = hf_config(cfg)
+  ids = special_ids(_write_tokenizer(cfg, workdir, out_dir))
+  hf_cfg = hf_config(cfg, bos_id=ids["bos"], eos_id=ids["eos"])
   hf_cfg.architectures = ["Data2VecTextModel"]
   state = to_hf_state(params, cfg, seed=int(cfg.seed))
-  _write_tokenizer(cfg, workdir, out_dir)
   hf_cfg.save_pretrained(out_dir)
   common.save_state_dict({k: v for k, v in state.items() if not k.startswith("pooler.")}, out_dir)
   with open(os.path.join(out_dir, "flax_model.msgpack"), "wb") as f:

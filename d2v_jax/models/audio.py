@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from d2v_jax.data.masking_audio import conv_output_length
 from d2v_jax.models.transformer import constrain, padding_bias
+from d2v_jax.models.visible import gather_tokens
 
 _CONV_AXES = ("conv_kernel", "conv_in", "conv_out")
 
@@ -42,7 +43,7 @@ def _init(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
 
-def _ln(eps: float, name: str, dtype, affine: bool = True, axis_name: str = "embed") -> nn.LayerNorm:
+def _ln(eps: float, name: str | None, dtype, affine: bool = True, axis_name: str = "embed") -> nn.LayerNorm:
   return nn.LayerNorm(
       epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name, use_scale=affine, use_bias=affine,
       scale_init=_init(nn.initializers.ones, (axis_name,)),
@@ -50,7 +51,7 @@ def _ln(eps: float, name: str, dtype, affine: bool = True, axis_name: str = "emb
 
 
 def _conv1d(features: int, kernel: int, *, stride: int = 1, padding=((0, 0),), groups: int = 1,
-            use_bias: bool, kernel_init, dtype, name: str) -> nn.Conv:
+            use_bias: bool, kernel_init, dtype, name: str | None) -> nn.Conv:
   return nn.Conv(features, (kernel,), strides=(stride,), padding=padding, feature_group_count=groups,
                  use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
                  kernel_init=_init(kernel_init, _CONV_AXES),
@@ -133,42 +134,76 @@ class AudioEmbed(nn.Module):
   def num_frames(self, num_samples: int) -> int:
     return conv_output_length(int(num_samples), self.conv_kernels, self.conv_strides)
 
-  @nn.compact
-  def __call__(self, batch, *, student: bool, deterministic: bool):
-    audio = batch["audio"]
-    x = audio.astype(self.dtype)[..., None]                              # [B, S, 1]
+  def setup(self):
+    # setattr keeps the parameter names of the HF maps (conv_layers_<i>, pos_conv_<i>).
     for i, (c, k, s) in enumerate(zip(self.conv_dims, self.conv_kernels, self.conv_strides)):
       norm = self.conv_norm if (self.conv_norm != "group" or i == 0) else "none"
-      x = ConvLayer(c, k, s, self.conv_bias, norm, self.dtype, name=f"conv_layers_{i}")(x)
+      setattr(self, f"conv_layers_{i}", ConvLayer(c, k, s, self.conv_bias, norm, self.dtype))
+    self.feature_norm = _ln(self.eps, None, jnp.float32, axis_name="conv_out")
+    self.projection = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
+                               kernel_init=_init(_TORCH_DEFAULT, ("conv_in", "embed")),
+                               bias_init=_init(nn.initializers.zeros, ("embed",)))
+    self.mask_emb = self.param("mask_emb", _init(nn.initializers.uniform(1.0), ("embed",)),
+                               (self.hidden,), jnp.float32)
+    self.drop = nn.Dropout(self.feature_dropout)
+    k = self.pos_conv_kernel
+    if self.pos_conv == "wav2vec2":
+      self.pos_conv_0 = WeightNormConv(self.hidden, k, self.pos_conv_groups, self.dtype)
+    else:
+      for i in range(self.pos_conv_depth):
+        setattr(self, f"pos_conv_{i}", _conv1d(
+            self.hidden, k, padding=((k // 2, k // 2),), groups=self.pos_conv_groups,
+            use_bias=True, kernel_init=_TORCH_DEFAULT, dtype=self.dtype, name=None))
+        setattr(self, f"pos_conv_norm_{i}", _ln(1e-5, None, jnp.float32, affine=False))
+
+  def local(self, batch, *, student: bool = False, deterministic: bool = True):
+    """Conv features -> LayerNorm -> projection of the unmasked audio, before dropout (what
+    fairseq's teacher reads): (x [B, T, D], valid [B, T]). Computed once per step and shared
+    by student and teacher (d2v_jax/objectives.py)."""
+    del student, deterministic
+    audio = batch["audio"]
+    x = audio.astype(self.dtype)[..., None]                              # [B, S, 1]
+    for i in range(len(self.conv_dims)):
+      x = getattr(self, f"conv_layers_{i}")(x)
     t = x.shape[1]
     lengths = batch["audio_len"] if "audio_len" in batch else jnp.full(audio.shape[:1], audio.shape[1])
     valid = jnp.arange(t)[None, :] < self.frame_lengths(jnp.asarray(lengths, jnp.int32))[:, None]
+    x = self.feature_norm(x.astype(jnp.float32))
+    x = self.projection(x)
+    return constrain(x, "act_batch", "act_length", "act_embed"), valid
 
-    x = _ln(self.eps, "feature_norm", jnp.float32, axis_name="conv_out")(x.astype(jnp.float32))
-    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name="projection",
-                 kernel_init=_init(_TORCH_DEFAULT, ("conv_in", "embed")),
-                 bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
-    x = nn.Dropout(self.feature_dropout)(x, deterministic=deterministic)
-    mask_emb = self.param("mask_emb", _init(nn.initializers.uniform(1.0), ("embed",)),
-                          (self.hidden,), jnp.float32)
-    if student:
-      x = jnp.where(batch["mask"][..., None], mask_emb.astype(x.dtype), x)
+  def context(self, x, valid, *, deterministic: bool = True, mask=None, zero_masked: bool = False):
+    """Local features -> (dropout) -> masked frames replaced by the mask embedding (or zeroed,
+    data2vec 2.0) -> padded frames zeroed -> x + positional conv(x)."""
+    x = self.drop(x, deterministic=deterministic)
+    if mask is not None:
+      fill = jnp.zeros((), x.dtype) if zero_masked else self.mask_emb.astype(x.dtype)
+      x = jnp.where(mask[..., None], fill, x)
     x = jnp.where(valid[..., None], x, 0)
     x = constrain(x, "act_batch", "act_length", "act_embed")
     x = x + self._positional(x)
     return constrain(x, "act_batch", "act_length", "act_embed"), valid, padding_bias(valid)
 
+  def __call__(self, batch, *, student: bool, deterministic: bool):
+    x, valid = self.local(batch)
+    return self.context(x, valid, deterministic=deterministic,
+                        mask=batch["mask"] if student else None)
+
+  def visible(self, x, valid, mask, visible, *, deterministic: bool):
+    """data2vec 2.0 student: masked frames zeroed, the positional conv over the whole
+    sequence, then only the K visible frames are kept (fairseq encoder_zero_mask)."""
+    x, valid, _ = self.context(x, valid, deterministic=deterministic, mask=mask, zero_masked=True)
+    x, valid = gather_tokens(x, visible), gather_tokens(valid, visible)
+    return x, valid, padding_bias(valid)
+
   def _positional(self, x):
-    k = self.pos_conv_kernel
     if self.pos_conv == "wav2vec2":
-      y = WeightNormConv(self.hidden, k, self.pos_conv_groups, self.dtype, name="pos_conv")(x)
+      y = self.pos_conv_0(x)
       return nn.gelu(y[:, :x.shape[1]], approximate=False)
     y = x
     for i in range(self.pos_conv_depth):
-      y = _conv1d(self.hidden, k, padding=((k // 2, k // 2),), groups=self.pos_conv_groups,
-                  use_bias=True, kernel_init=_TORCH_DEFAULT, dtype=self.dtype,
-                  name=f"pos_conv_{i}")(y)[:, :x.shape[1]]  # even kernels: drop the extra frame
-      y = _ln(1e-5, f"pos_conv_norm_{i}", jnp.float32, affine=False)(y.astype(jnp.float32))
+      y = getattr(self, f"pos_conv_{i}")(y)[:, :x.shape[1]]  # even kernels: drop the extra frame
+      y = getattr(self, f"pos_conv_norm_{i}")(y.astype(jnp.float32))
       y = nn.gelu(y, approximate=False).astype(self.dtype)
     return y
 

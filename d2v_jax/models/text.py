@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from d2v_jax.models.transformer import INIT, constrain, layer_norm, padding_bias
+from d2v_jax.models.visible import gather_tokens
 
 
 def position_ids(ids, pad_id: int):
@@ -37,16 +38,37 @@ class TextEmbed(nn.Module):
     return nn.Embed(n, self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name=name,
                     embedding_init=nn.with_logical_partitioning(INIT, ("vocab", "embed")))
 
-  @nn.compact
-  def __call__(self, batch, *, student: bool, deterministic: bool):
+  def setup(self):
+    self.word = self._embed("word", self.vocab_size)
+    self.position = self._embed("position", self.max_positions)
+    self.token_type = self._embed("token_type", self.type_vocab)
+    self.norm = layer_norm(self.eps, "norm", self.dtype)
+    self.drop = nn.Dropout(self.dropout)
+
+  def local(self, batch, *, student: bool = False, deterministic: bool = True):
+    """Embeddings after LayerNorm and dropout -> (x [B, T, D], valid [B, T]). The student of
+    data2vec 1.0 reads the masked ids; everyone else (teacher, data2vec 2.0) the originals."""
     ids = batch["student"] if student else batch["source"]
     valid = ids != self.pad_id
-    x = self._embed("word", self.vocab_size)(ids)
-    x = x + self._embed("position", self.max_positions)(position_ids(ids, self.pad_id))
-    x = x + self._embed("token_type", self.type_vocab)(jnp.zeros_like(ids))
-    x = layer_norm(self.eps, "norm", self.dtype)(x)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    return constrain(x, "act_batch", "act_length", "act_embed"), valid, padding_bias(valid)
+    x = self.word(ids) + self.position(position_ids(ids, self.pad_id))
+    x = x + self.token_type(jnp.zeros_like(ids))
+    x = self.drop(self.norm(x), deterministic=deterministic)
+    return constrain(x, "act_batch", "act_length", "act_embed"), valid
+
+  def __call__(self, batch, *, student: bool, deterministic: bool):
+    x, valid = self.local(batch, student=student, deterministic=deterministic)
+    return x, valid, padding_bias(valid)
+
+  def context(self, x, valid, *, deterministic: bool):
+    """data2vec 2.0 teacher input: the student's embeddings as they are (fairseq text)."""
+    del deterministic
+    return x, valid, padding_bias(valid)
+
+  def visible(self, x, valid, mask, visible, *, deterministic: bool):
+    """data2vec 2.0 student: keep the K visible tokens (positions are already embedded)."""
+    del mask, deterministic
+    x, valid = gather_tokens(x, visible), gather_tokens(valid, visible)
+    return x, valid, padding_bias(valid)
 
 
 def build(cfg) -> TextEmbed:

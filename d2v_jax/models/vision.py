@@ -17,16 +17,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from d2v_jax.models.transformer import constrain
+from d2v_jax.models.visible import gather_bias, gather_tokens, with_extra
 
-# timm / BEiT trunc_normal_(std=0.02) for the CLS and mask tokens.
-TOKEN_INIT = nn.initializers.truncated_normal(0.02)
-# PyTorch Conv2d default (kaiming_uniform(a=sqrt(5))): U(+-1/sqrt(fan_in)); BEiT keeps it.
-PATCH_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# data2vec_vision's trunc_normal_(std=0.02) truncates at +-1 std (a=-std, b=std): the drawn
+# values have std ~0.0108. Used for the CLS / mask tokens, the patch conv and, through
+# `beit_init`, every Linear of the encoder and head.
+INIT_STD = 0.02
+TRUNC_INIT = nn.initializers.truncated_normal(INIT_STD, lower=-1.0, upper=1.0)
+TOKEN_INIT = TRUNC_INIT
 
 
 def relative_position_index(grid_h: int, grid_w: int) -> np.ndarray:
@@ -62,41 +67,95 @@ class VisionEmbed(nn.Module):
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
-  @nn.compact
-  def __call__(self, batch, *, student: bool, deterministic: bool):
-    p, g, d = self.patch_size, self.grid, self.hidden
+  def setup(self):
+    p, d = self.patch_size, self.hidden
+    self.patch = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                         param_dtype=jnp.float32,
+                         kernel_init=nn.with_logical_partitioning(TRUNC_INIT, (None, None, None, "embed")),
+                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+    # 1-D tokens, so optim's no-decay rules (ndim < 2 / names) see them like BEiT's lists.
+    self.cls_token = self.param("cls_token", nn.with_logical_partitioning(TOKEN_INIT, ("embed",)),
+                                (d,), jnp.float32)
+    self.mask_token = self.param("mask_token", nn.with_logical_partitioning(TOKEN_INIT, ("embed",)),
+                                 (d,), jnp.float32)
+    num_rel = (2 * self.grid - 1) ** 2 + 3
+    self.rel_pos_bias = self.param(
+        "rel_pos_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads")),
+        (num_rel, self.heads), jnp.float32)
+    self.drop = nn.Dropout(self.dropout)
+
+  def local(self, batch, *, student: bool = False, deterministic: bool = True):
+    """Patch embeddings [B, N, D] of the unmasked image (row-major patches); no padding."""
+    del student, deterministic
+    g, d = self.grid, self.hidden
     img = batch["image"]
     if img.shape[1:] != (self.image_size, self.image_size, self.channels):
       raise ValueError(f"batch['image'] has shape {img.shape}; the model expects "
                        f"[B, {self.image_size}, {self.image_size}, {self.channels}] (NHWC)")
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, name="patch",
-                kernel_init=nn.with_logical_partitioning(PATCH_INIT, (None, None, None, "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
-                    img.astype(self.dtype))
-    x = x.reshape(x.shape[0], g * g, d)                        # row-major patch order
-    # 1-D tokens, so optim's no-decay rules (ndim < 2 / names) catch them like BEiT's skip list.
-    cls = self.param("cls_token", nn.with_logical_partitioning(TOKEN_INIT, ("embed",)), (d,),
-                     jnp.float32)
-    mask_token = self.param("mask_token", nn.with_logical_partitioning(TOKEN_INIT, ("embed",)),
-                            (d,), jnp.float32)
+    x = self.patch(img.astype(self.dtype))
+    return x.reshape(x.shape[0], g * g, d), None
+
+  def _bias(self):
+    g = self.grid
+    t = g * g + 1
+    idx = relative_position_index(g, g)
+    return self.rel_pos_bias[idx.reshape(-1)].reshape(t, t, self.heads).transpose(2, 0, 1)[None]
+
+  def _with_cls(self, x, deterministic: bool):
+    cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.hidden))
+    x = self.drop(jnp.concatenate([cls, x], axis=1), deterministic=deterministic)
+    return constrain(x, "act_batch", "act_length", "act_embed")
+
+  def __call__(self, batch, *, student: bool, deterministic: bool):
+    g = self.grid
+    x, _ = self.local(batch)
     if student:
       m = batch["mask"]
       if m.shape[1:] != (g * g,):
         raise ValueError(f"batch['mask'] has shape {m.shape}; expected [B, {g * g}] patches")
-      x = jnp.where(m[..., None], mask_token.astype(x.dtype), x)
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, d))
-    x = jnp.concatenate([cls, x], axis=1)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+      x = jnp.where(m[..., None], self.mask_token.astype(x.dtype), x)
+    return self._with_cls(x, deterministic), None, self._bias()
 
-    num_rel = (2 * g - 1) ** 2 + 3
-    table = self.param("rel_pos_bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                    (None, "heads")),
-                       (num_rel, self.heads), jnp.float32)
-    idx = relative_position_index(g, g)
-    t = g * g + 1
-    bias = table[idx.reshape(-1)].reshape(t, t, self.heads).transpose(2, 0, 1)[None]
-    return constrain(x, "act_batch", "act_length", "act_embed"), None, bias
+  def visible(self, x, valid, mask, visible, *, deterministic: bool):
+    """data2vec 2.0 student: the K visible patches, CLS in front, the relative position bias
+    gathered on both axes (distances stay those of the full grid)."""
+    del valid, mask
+    x = self._with_cls(gather_tokens(x, visible), deterministic)
+    return x, None, gather_bias(self._bias(), with_extra(visible, self.num_extra_tokens))
+
+
+def beit_init(params: dict, rng: jax.Array) -> dict:
+  """data2vec_vision's initialisation of the encoder and head (modeling_cyclical.py):
+  every Linear kernel trunc_normal_(std=0.02) truncated at +-1 std, then `fix_init_weight`
+  divides block l's (1-based) attention output and fc2 kernels by sqrt(2 l)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  keys = jax.random.split(rng, len(flat))
+  out = {}
+  for key, (path, x) in zip(keys, sorted(flat.items())):
+    if path[0] in ("encoder", "head") and path[-1] == "kernel":
+      x = TRUNC_INIT(key, x.shape, x.dtype)
+      if path[0] == "encoder" and (path[-3:] == ("attention", "out", "kernel")
+                                   or path[-2:] == ("fc2", "kernel")):
+        x = _fix_init(x, path)
+    out[path] = x
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def _fix_init(x: jax.Array, path: tuple) -> jax.Array:
+  """Scanned stacks carry the layer on axis 0 ('layers'); unscanned ones are 'layers_<i>'."""
+  if "layers" in path:
+    layer = jnp.arange(1, x.shape[0] + 1, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return x / jnp.sqrt(2.0 * layer)
+  i = next(int(p.split("_")[1]) for p in path if p.startswith("layers_"))
+  return x / np.sqrt(2.0 * (i + 1))
+
+
+def init_fixup(params: dict, rng: jax.Array, cfg) -> dict:
+  """Called by d2v_jax/build.py after model.init: model.init = "beit" (default) applies
+  data2vec_vision's initialisation; "bert" keeps the shared N(0, 0.02) Dense init."""
+  if cfg.model.get("init", "beit") == "beit":
+    return beit_init(params, rng)
+  return params
 
 
 def build(cfg) -> VisionEmbed:

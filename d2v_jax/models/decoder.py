@@ -1,0 +1,95 @@
+"""data2vec 2.0 lightweight conv decoders (ALGORITHM.md §3.5, §3.9; fairseq `Decoder1d` /
+`Decoder2d`).
+
+Input: the student's encoder output scattered back to the full sequence, with N(0, noise_std)
+vectors at the masked positions and no position information (d2v_jax/objectives.py builds
+it). Each block: Conv (kernel k, 'same' padding, `groups`) -> LayerNorm over channels without
+affine -> GELU, plus the block's input when `residual` and the channel counts match (so a
+decoder narrower than the encoder skips the residual of its first block). Then `proj`:
+Linear(dim -> width), or Linear(dim -> dim * ratio) -> GELU -> Linear(-> width) for
+`proj_layers` = 2 (text). Initialisation is PyTorch's default for Conv / Linear (fairseq
+re-initialises the decoder after init_bert_params).
+
+Decoder1d convolves over the sequence [N, T, C]; Decoder2d over the patch grid [N, g, g, C]
+(vision, T = g * g row-major patches).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from d2v_jax.models.transformer import gelu
+
+# torch.nn.Conv / Linear default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)); the bias too.
+_TORCH_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_bias(fan_in: int):
+  bound = fan_in ** -0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class ConvDecoder(nn.Module):
+  """Decoder1d (grid=0) or Decoder2d (grid=g): see the module docstring."""
+  dim: int
+  width: int                 # output width = encoder width (the targets' D)
+  kernel: int
+  groups: int
+  layers: int
+  residual: bool
+  proj_layers: int = 1
+  proj_ratio: float = 2.0
+  input_dropout: float = 0.0
+  grid: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    """x [N, T, C_in] -> predictions [N, T, width]."""
+    n, t, _ = x.shape
+    x = nn.Dropout(self.input_dropout)(x, deterministic=deterministic).astype(self.dtype)
+    if self.grid:
+      if self.grid * self.grid != t:
+        raise ValueError(f"Decoder2d: {t} positions are not a {self.grid} x {self.grid} grid")
+      x = x.reshape(n, self.grid, self.grid, x.shape[-1])
+    k = self.kernel
+    window = (k, k) if self.grid else (k,)
+    for i in range(self.layers):
+      cin = x.shape[-1]
+      fan_in = cin // self.groups * k ** len(window)
+      y = nn.Conv(self.dim, window, padding=[(k // 2, k // 2)] * len(window),
+                  feature_group_count=self.groups, dtype=self.dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.with_logical_partitioning(_TORCH_KERNEL, (None,) * len(window) + (None, "embed")),
+                  bias_init=nn.with_logical_partitioning(_torch_bias(fan_in), ("embed",)),
+                  name=f"conv_{i}")(x)
+      y = nn.LayerNorm(epsilon=1e-5, use_scale=False, use_bias=False, dtype=jnp.float32,
+                       name=f"norm_{i}")(y.astype(jnp.float32))
+      y = gelu(y).astype(self.dtype)
+      x = x + y if (self.residual and cin == self.dim) else y
+    x = x.reshape(n, t, self.dim)
+    cur = self.dim
+    for i in range(self.proj_layers - 1):
+      nxt = int(cur * self.proj_ratio) if i == 0 else cur
+      x = gelu(self._linear(nxt, cur, f"proj_{i}")(x))
+      cur = nxt
+    return self._linear(self.width, cur, "proj")(x)
+
+  def _linear(self, features: int, fan_in: int, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name,
+                    kernel_init=nn.with_logical_partitioning(_TORCH_KERNEL, (None, "embed")),
+                    bias_init=nn.with_logical_partitioning(_torch_bias(fan_in), ("embed",)))
+
+
+def build(cfg, grid: int = 0) -> ConvDecoder:
+  d = cfg.v2.decoder
+  return ConvDecoder(dim=int(d.dim), width=int(cfg.model.encoder.hidden), kernel=int(d.kernel),
+                     groups=int(d.groups), layers=int(d.layers), residual=bool(d.residual),
+                     proj_layers=int(d.proj_layers), proj_ratio=float(d.proj_ratio),
+                     input_dropout=float(d.input_dropout), grid=grid, dtype=jnp.dtype(cfg.dtype))
