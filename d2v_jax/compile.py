@@ -8,9 +8,24 @@
   python -m d2v_jax.compile --table docs/scale.md   # regenerates the README table (slow)
 
 The step is d2v_jax.build.build(cfg, devices=<topology devices>).step, lowered with the
-abstract (sharded) state and batch, i.e. exactly what the trainer runs. Printed: per-device
-memory (arguments, outputs, temporaries, total vs the chip's HBM), FLOPs per step and device,
-and an estimated step time and model-FLOPs utilisation (MFU) from the chip's peak.
+abstract (sharded) state and batch, i.e. exactly what the trainer runs (attention and remat
+choices made for a TPU host: model.encoder.platform=tpu). Printed, per device:
+
+  memory    compiler-exact: arguments, outputs, temporaries, code; total vs the chip's HBM
+  FLOPs     compiled (XLA's cost analysis of the compiled step, loop bodies scaled by their
+            trip counts) and analytic (model FLOPs: matmuls of the teacher forward, student
+            forward with head, student backward = 2x)
+  bound     a roofline LOWER BOUND on the step time, not a measurement, with what bounds it:
+            compute = compiled FLOPs at the chip's peak bf16 rate (a hard floor), HBM =
+            XLA's "bytes accessed" at the chip's bandwidth (the compiler's per-op count; real
+            traffic can be lower where fusions reuse on-chip memory). Collectives, the host
+            input pipeline and imperfect overlap come on top. No MFU is printed: MFU is a
+            measured step time's figure (python -m d2v_jax.bench gpu / mfu measure one).
+
+  --search_batch                 largest batch per device that fits the chip's HBM
+  --search_batch --remat all     ... for each remat policy (none, full, minimal, save_dots,
+                                 save_qkv_out, offload), one table row each
+  --remat full,minimal           compile at --batch_per_device with each policy
 
 Topology names: Cloud TPU accelerator types (v4-8, v5p-8: TensorCores; v5e-8 / v5litepod-8,
 v6e-8: chips) or libtpu names (v5e:2x4, v4:2x2x1). TPU compilation needs libtpu
@@ -21,9 +36,8 @@ Exit status: 0 fits, 3 does not fit the chip's HBM (message on stderr), 2 bad in
 
 FLOPs: XLA's cost analysis counts the body of a loop (nn.scan over layers) once. The figure
 printed adds the missing iterations' matmul FLOPs, counted on the traced step (whose scan
-lengths are known). The model FLOPs behind MFU are analytic: matmuls of the teacher forward,
-the student forward with the regression head, and the student backward (2x forward), plus
-the embedder's matmul/conv FLOPs counted on its trace.
+lengths are known); HBM bytes are scaled by the same factor. Remat recomputation shows in the
+compiled FLOPs, not in the analytic ones.
 """
 
 from __future__ import annotations
@@ -268,9 +282,16 @@ class Report:
   model_flops: float                # per step, global, analytic
   model_flops_parts: dict
   traced_matmul_flops: float        # global, traced step, loops scaled
-  est_step_s: float
-  est_mfu: float
+  bytes_per_device: float           # XLA "bytes accessed" per device, loop bodies scaled
+  compute_bound_s: float            # flops_per_device at the chip's peak bf16 rate (hard floor)
+  hbm_bound_s: float                # bytes_per_device at the chip's HBM bandwidth
+  bound_s: float                    # max of the two: roofline lower bound on the step time
+  bound_by: str                     # "compute" | "HBM bytes" ("" without compiled figures)
   compile_s: float
+  remat: str = "none"
+  attention: str = ""               # transformer.describe_attention for the target platform
+  peak_tflops: float = 0.0          # chip figures the bound used
+  hbm_gbps: float = 0.0
   error: str = ""
 
   def lines(self) -> list[str]:
@@ -278,30 +299,54 @@ class Report:
     g = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 4 else f"{b / 2**20:.1f} MiB"
     out = [
         f"topology      {self.topology} [{self.backend}]",
-        f"mesh          {self.mesh} preset={self.preset or 'explicit'} dtype={self.dtype}",
+        f"mesh          {self.mesh} preset={self.preset or 'explicit'} dtype={self.dtype} "
+        f"remat={self.remat}",
         f"batch         {self.global_batch} global = {self.batch_per_device} per batch shard; "
         f"{self.seq_len} positions per example",
         "state/device  " + ", ".join(f"{k} {g(v)}" for k, v in self.state_bytes.items())
         + f"; {self.replicated_params} replicated params",
     ]
+    if self.attention:
+      out.append(f"attention     {self.attention}")
     if mem:
       out.append(f"memory/device arguments {g(mem['argument'])}, outputs {g(mem['output'])} "
-                 f"(aliased {g(mem['alias'])}), temporaries {g(mem['temp'])}, code {g(mem['code'])}")
+                 f"(aliased {g(mem['alias'])}), temporaries {g(mem['temp'])}, code {g(mem['code'])}"
+                 " (compiler-exact)")
       out.append(f"              total {g(mem['total'])} of {g(self.hbm_bytes)} HBM "
                  f"({100 * mem['total'] / self.hbm_bytes:.0f}%) -> "
                  + ("fits" if self.fits else "DOES NOT FIT"))
     if self.error:
       out.append(f"compiler      {self.error}")
     if self.flops_per_device:
+      per_dev = self.model_flops / self.num_devices
       out += [
-          f"FLOPs/step    {self.flops_per_device:.4g} per device (XLA {self.xla_flops_raw:.4g} "
-          f"with loop bodies once); model {self.model_flops:.4g} global = "
-          f"{self.model_flops / self.num_devices:.4g} per device",
-          f"estimate      step {1e3 * self.est_step_s:.1f} ms, MFU {100 * self.est_mfu:.1f}% "
-          "(roofline: compute at peak bf16 vs HBM traffic; collectives assumed overlapped)",
+          f"FLOPs/step    compiled {self.flops_per_device:.4g} per device (XLA cost analysis; "
+          f"{self.xla_flops_raw:.4g} with loop bodies once)",
+          f"              analytic {self.model_flops:.4g} global = {per_dev:.4g} per device "
+          f"(model FLOPs; compiled / analytic = {self.flops_per_device / per_dev:.2f})",
+      ]
+    if self.bound_s:
+      ex_s = self.global_batch / self.num_devices / self.bound_s
+      out += [
+          f"bound         step >= {1e3 * self.bound_s:.1f} ms, bound by {self.bound_by} "
+          f"(roofline LOWER BOUND from the compiler's counts, not a measurement)",
+          f"              compute {1e3 * self.compute_bound_s:.1f} ms = compiled FLOPs at "
+          f"{self.peak_tflops:g} TFLOP/s (peak bf16); HBM {1e3 * self.hbm_bound_s:.1f} ms = "
+          f"{self.bytes_per_device:.4g} bytes accessed at {self.hbm_gbps:g} GB/s",
+          f"              <= {ex_s:.1f} examples/s per device; collectives, input and "
+          "imperfect overlap not included",
       ]
     out.append(f"compile time  {self.compile_s:.0f} s")
     return out
+
+
+def roofline(flops: float, bytes_accessed: float, chip: Chip) -> tuple[float, float, float, str]:
+  """(compute floor s, HBM time s, bound s, what bounds it) for one device's step."""
+  compute = flops / (chip.peak_tflops * 1e12)
+  hbm = bytes_accessed / (chip.hbm_gbps * 1e9)
+  if compute <= 0 and hbm <= 0:
+    return 0.0, 0.0, 0.0, ""
+  return compute, hbm, max(compute, hbm), ("compute" if compute >= hbm else "HBM bytes")
 
 
 def resolve_for_compile(cfg, backend: str = "tpu") -> None:
@@ -317,6 +362,9 @@ def resolve_for_compile(cfg, backend: str = "tpu") -> None:
   if backend == "tpu" and "scan_unroll" in fields and not enc.get("scan_unroll", 0):
     with cfg.unlocked():    # config_flags locks the config; the key may be new
       enc.scan_unroll = 1   # transformer.Encoder: 0 = unroll everything on CPU, 1 elsewhere
+  if backend == "tpu" and "platform" in fields and not enc.get("platform", ""):
+    with cfg.unlocked():
+      enc.platform = "tpu"  # transformer.select_attention: attention=auto chooses for a TPU
 
 
 def _oom_message(err: Exception) -> str | None:
@@ -333,6 +381,7 @@ def compile_step(cfg, topo: Topology, *, devices=None, backend: str = "tpu") -> 
   import jax
 
   from d2v_jax import build as build_lib, sharding
+  from d2v_jax.models import transformer
 
   resolve_for_compile(cfg, "tpu" if backend == "tpu" else "cpu")
   t0 = time.time()
@@ -369,7 +418,7 @@ def compile_step(cfg, topo: Topology, *, devices=None, backend: str = "tpu") -> 
   n = mesh.devices.size
   hbm = topo.chip.hbm_gib * GiB
   err, mem, fits = "", {}, True
-  xla_raw = flops_dev = est_step = mfu = 0.0
+  xla_raw = flops_dev = bytes_dev = 0.0
   try:
     compiled = built.step.lower(state, batch).compile()
   except Exception as e:  # noqa: BLE001 - the TPU compiler reports OOM as a runtime error
@@ -390,17 +439,19 @@ def compile_step(cfg, topo: Topology, *, devices=None, backend: str = "tpu") -> 
     flops_dev = xla_raw + (traced - traced_once) / n
     scale = flops_dev / xla_raw if xla_raw > 0 else 1.0
     bytes_dev = float(ca.get("bytes accessed", 0.0)) * scale  # loop bodies scaled alike
-    chip = topo.chip
-    est_step = max(flops_dev / (chip.peak_tflops * 1e12), bytes_dev / (chip.hbm_gbps * 1e9))
-    mfu = model["total"] / n / (chip.peak_tflops * 1e12) / est_step if est_step > 0 else 0.0
+  compute_s, hbm_s, bound_s, bound_by = roofline(flops_dev, bytes_dev, topo.chip)
+  spec = transformer.EncoderSpec.from_config(cfg.model.encoder, cfg.dtype)
   return Report(
       topology=topo.describe(), backend=backend, num_devices=n, mesh=dict(mesh.shape),
       preset=str(cfg.mesh.get("preset", "") or ""), dtype=cfg.dtype, global_batch=cfg.batch_size,
       batch_per_device=cfg.batch_size // sharding.batch_shards(mesh), seq_len=seq_len, fits=fits,
       hbm_bytes=hbm, memory=mem, state_bytes=sizes, replicated_params=len(repl),
       xla_flops_raw=xla_raw, flops_per_device=flops_dev, model_flops=model["total"],
-      model_flops_parts=model, traced_matmul_flops=traced, est_step_s=est_step, est_mfu=mfu,
-      compile_s=time.time() - t0, error=err)
+      model_flops_parts=model, traced_matmul_flops=traced, bytes_per_device=bytes_dev,
+      compute_bound_s=compute_s, hbm_bound_s=hbm_s, bound_s=bound_s, bound_by=bound_by,
+      compile_s=time.time() - t0, remat=transformer.remat_policy(spec.remat)[0],
+      attention=transformer.describe_attention(spec, transformer.attention_platform(spec)),
+      peak_tflops=topo.chip.peak_tflops, hbm_gbps=topo.chip.hbm_gbps, error=err)
 
 
 def target_devices(topo: Topology, force_cpu: bool = False) -> tuple[list, str]:
@@ -453,6 +504,56 @@ def search_batch(cfg, topo: Topology, devices, backend: str, start: int = 8,
     if b is None:
       break
   return lo, hi, seen
+
+
+def remat_names(arg: str) -> list[str]:
+  """--remat value -> canonical policy names ("all" = every policy; "dots" = save_dots)."""
+  from d2v_jax.models import transformer
+  names = list(transformer.REMAT_POLICIES) if arg.strip() == "all" else [
+      x.strip() for x in arg.split(",") if x.strip()]
+  out = []
+  for name in names:
+    canon, _ = transformer.remat_policy(name)   # ValueError names the valid ones
+    if canon not in out:
+      out.append(canon)
+  return out
+
+
+def search_remat(cfg, topo: Topology, devices, backend: str, policies: list[str],
+                 start: int = 8, max_trials: int = 6, log=print) -> list[dict]:
+  """search_batch for each remat policy (each search starts at the batch the previous policy
+  reached). Returns one row per policy: remat, largest_batch, first_failing, report."""
+  rows = []
+  for policy in policies:
+    c = cfg.copy_and_resolve_references()
+    c.model.encoder.remat = policy
+    log(f"remat={policy}")
+    lo, hi, seen = search_batch(c, topo, devices, backend, start, max_trials, log=log)
+    rows.append({"remat": policy, "largest_batch": lo, "first_failing": hi,
+                 "report": seen.get(lo)})
+    start = max(lo, 1) if lo else start
+  return rows
+
+
+def remat_table(rows: list[dict]) -> str:
+  """Markdown: largest batch per device, memory at it and the roofline bound, per policy."""
+  lines = ["| remat | largest batch / device | memory / device at it | compiled FLOPs / device "
+           "| roofline bound / step | bound by | <= examples/s / device |",
+           "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    r = row["report"]
+    if r is None:
+      lines.append(f"| {row['remat']} | none fits | - | - | - | - | - |")
+      continue
+    edge = (f"{row['largest_batch']} ({row['first_failing']} does not fit)" if row["first_failing"]
+            else f">= {row['largest_batch']} (search stopped)") if "largest_batch" in row else (
+            f"{r.batch_per_device}" + ("" if r.fits else " (does not fit)"))
+    mem = f"{r.memory['total'] / GiB:.2f} of {r.hbm_bytes / GiB:.2f} GiB" if r.memory else "compiler OOM"
+    bound = f"{1e3 * r.bound_s:.0f} ms" if r.bound_s else "-"
+    ex = f"{r.global_batch / r.num_devices / r.bound_s:.1f}" if r.bound_s else "-"
+    lines.append(f"| {row['remat']} | {edge} | {mem} | {r.flops_per_device / 1e12:.2f} T | "
+                 f"{bound} | {r.bound_by or '-'} | {ex} |")
+  return "\n".join(lines)
 
 
 def _predict(seen: dict, hbm: float) -> int | None:
@@ -548,24 +649,42 @@ def table(path: str, entries=TABLE_ENTRIES, topologies=TABLE_TOPOLOGIES,
 TABLE_BEGIN, TABLE_END = "<!-- scale-table:begin -->", "<!-- scale-table:end -->"
 
 
+def bound_of(report: dict, topology: str) -> tuple[float, float, str]:
+  """(roofline bound s, compute floor s, what bounds it) of a cached report dict. Rows cached
+  before the bound was stored (est_step_s = the same max(compute, HBM) roofline) are
+  converted: the compute floor is recomputed from the compiled FLOPs and the chip's peak."""
+  if report.get("bound_s"):
+    return report["bound_s"], report["compute_bound_s"], report["bound_by"]
+  chip = parse_topology(topology).chip
+  compute = report["flops_per_device"] / (chip.peak_tflops * 1e12)
+  bound = report.get("est_step_s") or 0.0
+  return bound, compute, ("HBM bytes" if bound > compute * (1 + 1e-6) else "compute")
+
+
 def render_table(rows: list[dict]) -> str:
-  lines = ["| config | topology | mesh (data x fsdp x tensor) | largest batch / device | "
-           "memory / device at it | FLOPs / step / device | est. step | est. MFU |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = ["| config | topology | mesh (data x fsdp x tensor) | remat | largest batch / device | "
+           "memory / device at it | FLOPs / step / device, compiled (analytic) | "
+           "roofline bound / step | bound by |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     r = row["report"]
+    extra = row["entry"].split(":", 2)[2].split(",") if row["entry"].count(":") >= 2 else []
+    remat = next((o.split("=", 1)[1] for o in list(row.get("overrides", ())) + extra
+                  if o.startswith("model.encoder.remat=")), None) or (r or {}).get("remat") or "none"
     if r is None:
       why = row.get("error") or "none fits"
-      lines.append(f"| {row['entry']} | {row['topology']} | - | {why} | - | - | - | - |")
+      lines.append(f"| {row['entry']} | {row['topology']} | - | {remat} | {why} | - | - | - | - |")
       continue
-    bound = (f"{row['largest_batch']} ({row['first_failing']} does not fit)" if row["first_failing"]
-             else f">= {row['largest_batch']} (search stopped)")
+    edge = (f"{row['largest_batch']} ({row['first_failing']} does not fit)" if row["first_failing"]
+            else f">= {row['largest_batch']} (search stopped)")
     mesh = "x".join(str(v) for v in r["mesh"].values())
+    bound, _, by = bound_of(r, row["topology"])
+    analytic = r["model_flops"] / r["num_devices"] / 1e12 if r.get("model_flops") else None
+    flops = f"{r['flops_per_device'] / 1e12:.1f} T" + (f" ({analytic:.1f} T)" if analytic else "")
     lines.append(
-        f"| {row['entry']} | {row['topology']} | {mesh} | {bound} | "
+        f"| {row['entry']} | {row['topology']} | {mesh} | {remat} | {edge} | "
         f"{r['memory']['total'] / GiB:.1f} of {r['hbm_bytes'] / GiB:.2f} GiB | "
-        f"{r['flops_per_device'] / 1e12:.1f} T | {1e3 * r['est_step_s']:.0f} ms | "
-        f"{100 * r['est_mfu']:.0f}% |")
+        f"{flops} | >= {1e3 * bound:.0f} ms | {by} |")
   return "\n".join(lines) + "\n"
 
 
@@ -601,6 +720,9 @@ def _flags(argv: list[str]):
                        flag_values=fv)
   flags.DEFINE_bool("search_batch", False, "search the largest per-device batch that fits",
                     flag_values=fv)
+  flags.DEFINE_string("remat", "", "remat policies to compare: all, or a comma list of "
+                      "none,full,minimal,save_dots,save_qkv_out,offload (with --search_batch: "
+                      "the largest batch per policy)", flag_values=fv)
   flags.DEFINE_bool("fallback", False, "compile for fake CPU devices even if libtpu exists",
                     flag_values=fv)
   flags.DEFINE_string("json", None, "also write the report as JSON here", flag_values=fv)
@@ -635,6 +757,33 @@ def _ensure_cpu_devices(argv: list[str]) -> None:
                              + f" --xla_force_host_platform_device_count={max(n, 8)}").strip()
 
 
+def _main_remat(cfg, topo, devices, backend, policies, fv) -> int:
+  """--remat: one search (or one compile at the given batch) per policy, then a table."""
+  if fv.search_batch:
+    rows = search_remat(cfg, topo, devices, backend, policies, fv.batch_per_device or 8,
+                        log=lambda s: print(s, flush=True))
+  else:
+    rows = []
+    for policy in policies:
+      c = cfg.copy_and_resolve_references()
+      c.model.encoder.remat = policy
+      r = compile_step(c, topo, devices=devices, backend=backend)
+      print(f"remat={policy}: " + (f"{r.memory['total'] / GiB:.2f} GiB" if r.memory else "compiler OOM")
+            + (" fits" if r.fits else " does not fit") + f" ({r.compile_s:.0f} s)", flush=True)
+      rows.append({"remat": policy, "report": r})
+  best = max((row for row in rows if row["report"] is not None and row["report"].fits),
+             key=lambda row: (row.get("largest_batch", 0), -row["report"].bound_s), default=None)
+  if best is not None:
+    print("\n".join(best["report"].lines()))
+  print(f"\n{topo.chip.name} ({topo.chip.hbm_gib:g} GiB HBM per device), per remat policy:")
+  print(remat_table(rows), flush=True)
+  if fv.json:
+    with open(fv.json, "w") as f:
+      json.dump([{**row, "report": dataclasses.asdict(row["report"]) if row["report"] else None}
+                 for row in rows], f, indent=2)
+  return EXIT_OK if best is not None else EXIT_NO_FIT
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   _ensure_cpu_devices(argv)
@@ -664,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
       print(f"note: TPU compilation not available ({backend.split(': ', 1)[-1]}); compiling for "
             f"{len(devices)} fake CPU devices instead: memory and FLOPs are the CPU program's, "
             f"limits are {topo.chip.name}'s", flush=True)
+    if fv.remat:
+      return _main_remat(cfg, topo, devices, backend, remat_names(fv.remat), fv)
     if fv.search_batch:
       start = fv.batch_per_device or 8
       lo, hi, seen = search_batch(cfg, topo, devices, backend, start)
@@ -687,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: the step does not fit {topo.chip.name} HBM ({topo.chip.hbm_gib:g} GiB per "
           f"device): it {used}. Lower the batch (--batch_per_device), shard more "
           f"(--config.mesh.preset=fsdp), use --config.dtype=bfloat16 or "
-          f"--config.model.encoder.remat=full", file=sys.stderr)
+          f"--config.model.encoder.remat=full (compare policies: --search_batch --remat all)",
+          file=sys.stderr)
     return EXIT_NO_FIT
   return EXIT_OK
 

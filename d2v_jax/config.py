@@ -52,7 +52,7 @@ def _unknown_key(cfg: ml_collections.ConfigDict, argv: list[str]) -> str | None:
 
 def parse_argv(argv: list[str], fv: flags.FlagValues | None = None) -> flags.FlagValues:
   """Parses argv into `fv` (the absl flags), turning config errors into ConfigError."""
-  fv = fv or flags.FLAGS
+  fv = flags.FLAGS if fv is None else fv   # (an empty FlagValues is falsy: no `or` here)
   if "config" not in fv:
     config_flags.DEFINE_config_file("config", None, "config file[:args]", flag_values=fv,
                                    sys_argv=argv)  # overrides come from argv, not sys.argv

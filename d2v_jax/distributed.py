@@ -117,7 +117,7 @@ def peer_timeout(value: float | None = None, env: Mapping[str, str] | None = Non
 def describe(p: Plan, processes: int, devices: int, local: int, timeout: float | None) -> str:
   """The one line process 0 prints at start-up."""
   line = (f"distributed: {p.why} ({p.mode}); {processes} process{'es' if processes > 1 else ''}, "
-          f"{devices} devices ({local} local)")
+          f"{devices} device{'s' if devices != 1 else ''} ({local} local)")
   if processes > 1 and timeout is not None:
     line += f"; a process silent for {timeout:g} s ends the job (--peer_timeout)"
   return line
@@ -246,6 +246,7 @@ class Watchdog:
     self._stop = threading.Event()
     self._done = False
     self._lock = threading.Lock()
+    self._exit = os._exit                # tests replace it
     self._thread = threading.Thread(target=self._run, name="d2v-peer-watchdog", daemon=True)
 
   def start(self) -> None:
@@ -319,7 +320,7 @@ class Watchdog:
       pass
     print(f"{why}; process {self.pid} stops too (exit 1). Finished checkpoints are intact: "
           "rerun the same command to resume from the latest", file=sys.stderr, flush=True)
-    os._exit(1)
+    self._exit(1)
 
 
 class StopVote:

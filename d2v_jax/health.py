@@ -12,7 +12,8 @@ Per step (inside the jitted train step, d2v_jax/step.py), on the positions the l
   rank_pred          D x D correlation matrix of those rows (per-channel standardised, so a
                      per-channel scale, e.g. instance norm, cannot hide collapse or fake rank):
                      1 = every target on one line, D = uncorrelated channels. Every
-                     eval.step_rank_every steps (default 1 = every step; 0 = off).
+                     eval.step_rank_every steps (default 10, NaN on the steps between;
+                     1 = every step; 0 = off).
                      Guarded by guards.min_rank (d2v_jax/metrics.py Guards).
   feature_var        (when step.py passes `features`) mean over channels of the per-channel
                      variance of the local encoder's output (audio conv features) over valid
@@ -122,8 +123,8 @@ def masked_channel_var(x: jax.Array, w: jax.Array | None) -> jax.Array:
 
 
 def step_rank_every(cfg) -> int:
-  """eval.step_rank_every (1 when the config predates the key): 0 off, 1 every step, N every
-  N-th step (needs `step` in step_metrics)."""
+  """eval.step_rank_every (10 when the config predates the key): 0 off, 1 every step, N every
+  N-th step (needs `step` in step_metrics; without it, every step)."""
   every = int(eval_settings(cfg)["step_rank_every"])
   if every < 0:
     raise ConfigError(f"eval.step_rank_every={every} must be >= 0 (0 = off)")
@@ -199,7 +200,7 @@ def eval_settings(cfg) -> dict:
   """cfg.eval with defaults (runs written before the eval keys existed have none)."""
   e = dict(rank_every=0, probe_every=0, probe_data="", probe_weights="student", layer=-1,
            rank_examples=64, probe_chunk=64, probe_seed=0, probe_test_frac=0.3,
-           step_rank_every=1)
+           step_rank_every=10)
   if "eval" in cfg:
     e.update({k: v for k, v in cfg.eval.items()})
   return e

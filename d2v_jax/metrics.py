@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -167,8 +168,9 @@ class Guards:
   guards.nonfinite_policy (stop | rollback). Collapse: from step guards.collapse_after on,
   target_var / pred_var below guards.min_target_var / min_pred_var (0 = off) triggers
   guards.collapse_policy (warn | stop | rollback). Dimensional collapse: from step
-  guards.rank_after on, rank_target / rank_pred (the in-step effective ranks, d2v_jax/health.py)
-  below guards.min_target_rank / min_pred_rank (absolute effective ranks; 0 = off) triggers
+  guards.rank_after on, the mean of rank_target / rank_pred (the in-step effective ranks,
+  d2v_jax/health.py) over the last guards.rank_window steps that computed them, below
+  guards.min_target_rank / min_pred_rank (absolute effective ranks; 0 = off), triggers
   guards.rank_policy (warn | stop | rollback); steps that did not compute a rank (NaN,
   eval.step_rank_every > 1) are not judged. Messages carry the numbers.
   """
@@ -184,6 +186,8 @@ class Guards:
                 "min_pred_rank", "rank_after"):
       if g.get(key, 0) < 0:
         raise _config_error(f"guards.{key}={g.get(key)} must be >= 0")
+    if g.get("rank_window", 1) < 1:
+      raise _config_error(f"guards.rank_window={g.get('rank_window')} must be >= 1")
     self.nonfinite_total = 0
     self.reset()
 
@@ -193,6 +197,8 @@ class Guards:
     self.nonfinite_since: int | None = None
     self.collapse_since: int | None = None
     self.rank_since: int | None = None
+    self.rank_recent = {k: collections.deque(maxlen=int(self.g.get("rank_window", 1)))
+                        for k, _ in RANK_FLOORS}
 
   @property
   def healthy(self) -> bool:
@@ -225,14 +231,20 @@ class Guards:
 
   def _check_rank(self, step: int, m: dict) -> Verdict | None:
     g = self.g
+    fresh = [k for k, _ in RANK_FLOORS if math.isfinite(m.get(k, math.nan))]
+    for k in fresh:
+      self.rank_recent[k].append(m[k])
     floors = [(k, key, g.get(key, 0.0)) for k, key in RANK_FLOORS if g.get(key, 0.0) > 0]
     if not floors or step < g.get("rank_after", 0):
       self.rank_since = None
       return None
-    vals = [(k, key, floor, m[k]) for k, key, floor in floors if math.isfinite(m.get(k, math.nan))]
-    if not vals:  # a step that computed no rank keeps the incident as it was
+    if not any(k in fresh for k, _, _ in floors):  # no rank this step: the incident stays as it was
       return None
-    low = [f"{k}={v:.4g} < guards.{key}={floor}" for k, key, floor, v in vals if v < floor]
+    mean = lambda k: sum(self.rank_recent[k]) / len(self.rank_recent[k])
+    window = lambda k: (f" (mean of the last {len(self.rank_recent[k])} ranks)"
+                        if len(self.rank_recent[k]) > 1 else "")
+    low = [f"{k}={mean(k):.4g}{window(k)} < guards.{key}={floor}" for k, key, floor in floors
+           if self.rank_recent[k] and mean(k) < floor]
     if not low:
       self.rank_since = None
       return None

@@ -66,8 +66,14 @@ class _Preempted:
 def _fault(point: str, step: int, saver=None) -> None:
   """Crash injection for the resume tests: D2V_TEST_KILL=after_step:N kills this process with
   SIGKILL after step N (once the save in flight is on disk, i.e. between checkpoints);
-  D2V_TEST_KILL=in_save:N kills it right after the async save of step N was started."""
+  D2V_TEST_KILL=in_save:N kills it right after the async save of step N was started;
+  D2V_TEST_KILL=sigterm_after_step:N sends this process SIGTERM after step N (preemption of
+  one process of several, at a known step)."""
   want = os.environ.get("D2V_TEST_KILL")
+  if want and point == "after_step" and want == f"sigterm_after_step:{step}":
+    print(f"D2V_TEST_KILL: SIGTERM at {want}", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return
   if not want or want != f"{point}:{step}":
     return
   if point == "after_step" and saver is not None:

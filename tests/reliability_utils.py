@@ -193,3 +193,63 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout_lines: int = 10_0
 
 
 SIGKILL_RC = -signal.SIGKILL
+
+
+# --- several trainer processes on this host (tests/test_multiprocess.py) ----------------------
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+class Procs:
+  """n trainer processes joined by jax.distributed on localhost (explicit flags, as
+  launch/local.sh passes them), one fake CPU device each, each writing <log_dir>/<tag>.<i>.log.
+  n == 1: a plain single process (no coordinator)."""
+
+  def __init__(self, args: list[str], workdir: str, n: int, log_dir: str, tag: str,
+               peer_timeout: float | None = None, env_for=None, devices: int = 1,
+               extra_env: dict | None = None):
+    self.n, self.logs, self.procs = n, [], []
+    port = free_port()
+    for i in range(n):
+      cmd = train_cmd(args, workdir)
+      if n > 1:
+        cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={n}",
+                f"--process_id={i}"]
+      if peer_timeout is not None:
+        cmd.append(f"--peer_timeout={peer_timeout}")
+      extra = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+               **(extra_env or {}), **((env_for or (lambda _: {}))(i))}
+      path = os.path.join(log_dir, f"{tag}.{i}.log")
+      self.logs.append(path)
+      with open(path, "w") as log:
+        self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(**extra), stdout=log,
+                                           stderr=subprocess.STDOUT, text=True))
+
+  def output(self, i: int) -> str:
+    with open(self.logs[i]) as f:
+      return f.read()
+
+  def wait_for(self, i: int, needle: str, timeout: float = 600) -> None:
+    """Until process i's log holds `needle` (fails if every process ended first)."""
+    import time
+    t0 = time.time()
+    while needle not in self.output(i):
+      if time.time() - t0 > timeout or all(p.poll() is not None for p in self.procs):
+        raise AssertionError(f"{needle!r} never printed by process {i}:\n{self.output(i)[-3000:]}")
+      time.sleep(0.05)
+
+  def wait(self, timeout: float = 600) -> list[int]:
+    try:
+      return [p.wait(timeout=timeout) for p in self.procs]
+    finally:
+      self.kill()
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()

@@ -76,7 +76,7 @@ def test_real_batches_buckets_norm_mask_resume(prompts, tmp_path):
   assert plan.crops == (16_000, 24_000, 32_000) and plan.batch == (16, 8, 8)  # 8 test devices
   assert sum(plan.count) == audio.num_examples(idx)                           # no clip left out
   shapes = {c: (b, c) for c, b in zip(plan.crops, plan.batch)}
-  batches = _take(cfg, str(tmp_path), 8)
+  batches = _take(cfg, str(tmp_path), 6)
   counts = target_counts(99, cfg.data.mask_prob, cfg.data.span)
   for step, batch in enumerate(batches):
     crop, ids = audio.batch_indices(cfg, str(tmp_path), step)
@@ -86,15 +86,14 @@ def test_real_batches_buckets_norm_mask_resume(prompts, tmp_path):
     assert (batch["audio_len"] == crop).all()                                # no padding
     assert (batch["mask"].sum(1) == counts[t]).all()                         # exact count per row
     assert (idx["lengths"][ids] >= crop).all()
-    if step < 2:  # each row is a crop of its own normalised file
+    if step == 0:  # each row is a crop of its own normalised file
       for row, i in zip(batch["audio"], ids):
         x = _read_wav(str(idx["paths"][i]))
         assert _find_crop((x - x.mean()) / np.sqrt(x.var() + 1e-5), row) >= 0
+  assert len({b["audio"].shape for b in batches}) >= 2
   # determinism and resume: batch 5 of a fresh stream == batch 5 of a stream started at 5
-  again = _take(cfg, str(tmp_path), 6)
   resumed = _take(cfg, str(tmp_path), 1, start=5)[0]
   for k in ("audio", "audio_len", "mask"):
-    np.testing.assert_array_equal(batches[5][k], again[5][k])
     np.testing.assert_array_equal(batches[5][k], resumed[k])
   # two processes read disjoint halves of the same global batch
   for step in range(4):

@@ -166,3 +166,26 @@ def test_torch_reference_matches_our_step(modality):
     theirs.append(ref.step(batch))
   np.testing.assert_allclose(theirs, ours, rtol=PARITY_RTOL)
   assert ours[2] != ours[1]   # the third step trained on updated weights
+
+
+def test_gpu_bench_without_a_gpu_measures_nothing_and_exits_0(tmp_path, capsys):
+  """`python -m d2v_jax.bench gpu` on a machine without a GPU: one line, exit 0, no files."""
+  assert dispatcher.main(["gpu", "--out", str(tmp_path)]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("no GPU: nothing measured"), lines
+  assert not list(tmp_path.iterdir())
+
+
+def test_gpu_bench_measurement_path_on_cpu(tmp_path):
+  """The GPU benchmark's own code (numpy batches, parity check through the cuDNN path's
+  logic, peak matmul, compile, timing, memory, MFU) run on CPU with text tiny, batch 2, one
+  step (--cpu-smoke, a test-only flag): one xla row with every column filled."""
+  p = _run(tmp_path, "gpu", "--cpu-smoke", "--modality", "text")
+  (row,) = p["rows"]
+  assert (row["modality"], row["attention"], row["status"]) == ("text", "xla", "ok"), row
+  _cols(row, ["step ms", "examples/s", "compiled GiB", "TFLOP/step", "MFU %", "remat",
+              "used (teacher / student)"])
+  assert row["remat"] == "none" and row["used (teacher / student)"] == "xla / xla"
+  assert row["positions"] == 32 and row["batch"] == 2
+  assert row["examples/s"] == pytest.approx(2 / (row["step ms"] / 1e3))
+  assert row["MFU %"] > 0 and row["compiled GiB"] > 0   # (a CPU figure: no meaning beyond that)

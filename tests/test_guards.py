@@ -204,3 +204,138 @@ def test_collapsed_teacher_triggers_the_collapse_policy(setup, tmp_path, monkeyp
   rows = _rows(work)
   # Collapsed from step 1 on, but the guard waits for guards.collapse_after (3).
   assert rows[0]["step"] == 1 and all(abs(r["target_var"] - 1e-3) < 1e-6 for r in rows)
+
+
+# ------------------------------------------------------------- dimensional collapse (rank)
+
+# rank_target / rank_pred logged every 10 steps (means over the window) by real runs of the
+# runlocal recipes (tiny, D = 64; measured once): text (configs/text.py:variant=tiny,runlocal on
+# data/text/kjv.txt, a healthy run) and audio (configs/audio.py:variant=tiny,runlocal, whose
+# features probe below random init: docs/evaluation.md). target_var stayed ~0.95 in audio.
+TEXT_RANK_TARGET = [50.0, 50.0, 49.7, 49.3, 49.0, 48.9, 48.8, 48.8, 48.7, 48.5, 48.5, 48.3,
+                    48.0, 48.0, 47.5, 47.5, 47.3, 47.1, 46.9, 46.5, 46.3, 46.1, 46.0, 45.8,
+                    45.7, 45.7, 45.5, 45.5, 45.5, 45.6]
+TEXT_RANK_PRED = [46.4, 45.6, 42.6, 38.8, 35.7, 32.4, 31.2, 30.2, 29.3, 28.9, 27.9, 26.4, 23.9,
+                  19.7, 15.1, 14.4, 15.5, 15.8, 16.0, 15.4, 14.6, 13.7, 12.9, 12.5, 12.2, 11.9,
+                  11.7, 11.7, 11.6, 11.6]
+AUDIO_RANK_TARGET = [44.2, 36.0, 27.0, 18.9, 15.5, 12.6, 9.9, 8.3, 8.8, 8.1, 7.5, 7.7, 7.3, 6.9,
+                     7.0, 6.9, 7.2, 8.1, 7.1, 6.8, 5.8, 5.6, 5.6, 5.9, 6.1, 6.7, 7.0, 7.3, 7.9,
+                     7.4]
+# vision (configs/vision.py:variant=tiny,runlocal, data/vision/photos; 280 steps): the
+# student's predictions span ~2 directions while its targets keep ~15.
+VISION_RANK_TARGET = [35.0, 34.4, 33.4, 30.9, 30.6, 27.6, 27.0, 24.6, 22.2, 20.0, 20.3, 18.7,
+                      19.1, 16.1, 18.1, 16.7, 16.2, 14.9, 16.1, 14.3, 16.0, 15.3, 14.6, 14.7,
+                      15.3, 14.8, 15.2, 14.3]
+VISION_RANK_PRED = [7.0, 4.1, 2.8, 1.7, 1.8, 2.0, 2.0, 2.0, 1.8, 2.1, 2.3, 2.3, 2.3, 2.2, 2.2,
+                    2.2, 2.2, 2.1, 2.2, 2.2, 2.2, 2.2, 2.2, 2.2, 2.2, 2.2, 2.2, 2.2]
+
+
+def _rank_m(target, pred=50.0):
+  return {**_m(), "rank_target": target, "rank_pred": pred}
+
+
+def test_rank_guard_policies_floors_and_messages(capsys):
+  g = _guards(min_target_rank=10.0, min_pred_rank=3.0, rank_after=5, rank_policy="stop")
+  assert g.check(4, _rank_m(1.5, 1.0)) is None and g.healthy        # before rank_after
+  v = g.check(5, _rank_m(1.9876, 20.0))
+  assert (v.action, v.first_bad) == ("stop", 5)
+  assert v.msg == ("dimensional collapse at step 5 (since step 5): rank_target=1.988 < "
+                   "guards.min_target_rank=10.0")
+  assert not g.healthy                                               # checkpoints held back
+  assert g.check(6, _rank_m(float("nan"), float("nan"))) is None     # not computed this step
+  v = g.check(7, _rank_m(12.0, 2.5))
+  assert v.msg == ("dimensional collapse at step 7 (since step 5): rank_pred=2.5 < "
+                   "guards.min_pred_rank=3.0")
+  assert g.check(8, _rank_m(12.0, 3.5)) is None and g.healthy
+  # a skipped (non-finite) step says nothing; the collapse guard still works alongside
+  assert g.check(9, {**_rank_m(0.5), "nonfinite": 1}) is None
+  r = _guards(min_target_rank=10.0, rank_after=0, rank_policy="rollback", min_target_var=0.1,
+              collapse_after=0)
+  v = r.check(3, {**_rank_m(4.0), "target_var": 0.05})
+  assert (v.action, v.first_bad) == ("stop", 3)    # the collapse verdict (collapse_policy) first
+  v = r.check(4, _rank_m(4.0))
+  assert (v.action, v.first_bad) == ("rollback", 3)
+  w = _guards(min_target_rank=10.0, rank_after=0, rank_policy="warn")
+  assert [w.check(s, _rank_m(3.0)) for s in (1, 2, 3)] == [None] * 3 and w.healthy
+  err = capsys.readouterr().err
+  assert err == ("warning: dimensional collapse at step 1 (since step 1): rank_target=3 < "
+                 "guards.min_target_rank=10.0; training continues (guards.rank_policy=warn)\n")
+  off = _guards(min_target_rank=0.0)
+  assert off.check(10, _rank_m(1.0, 1.0)) is None and off.healthy
+  for bad in (dict(rank_policy="ignore"), dict(min_target_rank=-1.0), dict(rank_after=-5)):
+    with pytest.raises(config_lib.ConfigError, match=f"guards.{next(iter(bad))}="):
+      _guards(**bad)
+
+
+def test_default_rank_guard_is_quiet_on_runlocal_text_vision_and_fires_on_audio(capsys):
+  """The default guards (configs/common.py) on the ranks of the real runlocal runs: the step
+  computes them every 10th step (1, 11, 21, ...; NaN between), here the logged mean of each
+  10-step window."""
+  cfg = config_lib.load_file("configs/text.py:variant=tiny,runlocal")
+  assert (cfg.guards.min_target_rank, cfg.guards.min_pred_rank, cfg.guards.rank_window,
+          cfg.guards.rank_after, cfg.guards.rank_policy, cfg.eval.step_rank_every) == (
+              8.0, 0.0, 5, 100, "warn", 10)
+  nan = float("nan")
+
+  def replay(guards, targets, preds):
+    for i, (t, p) in enumerate(zip(targets, preds)):
+      for s in range(10 * i + 1, 10 * i + 11):
+        m = _rank_m(t, p) if s % 10 == 1 else _rank_m(nan, nan)
+        assert guards.check(s, m) is None   # warn: training continues
+    return guards
+
+  for name, t, p in (("text", TEXT_RANK_TARGET, TEXT_RANK_PRED),
+                     ("vision", VISION_RANK_TARGET, VISION_RANK_PRED)):
+    g = replay(metrics.Guards(config_lib.load_file(f"configs/{name}.py:variant=tiny,runlocal").guards),
+               t, p)
+    assert g.healthy and g.rank_since is None, name
+  assert min(TEXT_RANK_TARGET) / cfg.guards.min_target_rank > 5.5      # margins
+  assert min(VISION_RANK_TARGET) / cfg.guards.min_target_rank > 1.75
+  assert capsys.readouterr().err == ""
+  audio = replay(metrics.Guards(config_lib.load_file("configs/audio.py:variant=tiny,runlocal").guards),
+                 AUDIO_RANK_TARGET, AUDIO_RANK_TARGET)
+  # the mean of the ranks at steps 81..121 (8.8 8.1 7.5 7.7 7.3) is 7.88 < 8
+  assert audio.healthy   # warn keeps saving checkpoints
+  err = capsys.readouterr().err.splitlines()
+  assert err[0] == (
+      "warning: dimensional collapse at step 121 (since step 121): rank_target=7.88 (mean of "
+      "the last 5 ranks) < guards.min_target_rank=8.0; training continues "
+      "(guards.rank_policy=warn)")
+  assert audio.rank_since is not None   # still collapsed at step 300
+
+
+def _targets_on_two_directions(monkeypatch):
+  """Dimensional collapse forced: every target is projected onto 2 fixed directions of the
+  64 channels. target_var (per-channel std) stays far from 0; only the rank sees it."""
+  import jax.numpy as jnp
+
+  from d2v_jax import targets
+  orig = targets.targets_from_config
+  u, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(64, 2)))
+  proj = jnp.asarray(u @ u.T * 8.0, jnp.float32)   # x8: per-channel std ~ that of the targets
+
+  def two_dims(layers, valid, tcfg):
+    return orig(layers, valid, tcfg) @ proj
+  monkeypatch.setattr(targets, "targets_from_config", two_dims)
+
+
+def test_forced_dimensional_collapse_triggers_the_rank_policy(setup, tmp_path, monkeypatch,
+                                                             capsys):
+  _targets_on_two_directions(monkeypatch)
+  args = text_args(setup, total_steps=5, checkpoint_every=2,
+                   **{"guards.rank_after": 3, "guards.rank_policy": "rollback",
+                      "guards.max_rollbacks": 1, "eval.step_rank_every": 1})
+  work = str(tmp_path / "rank")
+  with pytest.raises(SystemExit) as e:
+    train.run(parse(args), work)
+  # rolled back to step 2 once, collapsed again at step 3, then stopped
+  assert "rolled back to checkpoint step 2 (rollback 1/1" in capsys.readouterr().err
+  msg = str(e.value)
+  assert msg.startswith("error: dimensional collapse at step 3 (since step 3): rank_target=")
+  assert msg.endswith(" < guards.min_target_rank=8.0; not rolling back again "
+                      "(guards.max_rollbacks=1)")
+  assert _steps(work) == [2]
+  rows = _rows(work)
+  assert all(1.0 <= r["rank_target"] <= 2.0 + 1e-3 for r in rows)   # 2 directions: rank <= 2
+  assert all(r["rank_pred"] > 2.0 for r in rows)                     # the student's, not forced
+  assert all(r["target_var"] > 0.1 for r in rows)                    # the var guard is blind

@@ -356,3 +356,30 @@ def test_init_hf_command_line_keys(bert_vocab_model):
     with pytest.raises(config_lib.ConfigError) as e:
       config_lib.validate(cfg)
     assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("modality", ["text", "vision", "audio"])
+def test_init_hf_architecture_keys_round_trip(modality, tmp_path):
+  """Every ARCH field of a config.json that differs from our defaults is taken over: the HF
+  config we would export for the resolved run equals the directory's on all of them."""
+  cls = {"text": transformers.Data2VecTextConfig, "vision": transformers.Data2VecVisionConfig,
+         "audio": transformers.Data2VecAudioConfig}[modality]
+  fields = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 3,
+            "intermediate_size": 80, "layer_norm_eps": 1e-7}
+  fields.update({"text": dict(max_position_embeddings=66, pad_token_id=0, type_vocab_size=2,
+                              vocab_size=777),
+                 "vision": dict(image_size=48, patch_size=16, layer_scale_init_value=0.1),
+                 "audio": dict(conv_dim=(24,) * 3, conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3),
+                               conv_bias=True, num_conv_pos_embeddings=3, conv_pos_kernel_size=7,
+                               num_conv_pos_embedding_groups=4)}[modality])
+  cls(**fields).save_pretrained(str(tmp_path))
+  cfg = config_lib.load_file(f"configs/{modality}.py:variant=tiny,runlocal")
+  set_init(cfg, hf=str(tmp_path))
+  init_lib.resolve_config(cfg)
+  ours = load_modality(modality).hf().hf_config(cfg).to_dict()
+  hf_json = json.load(open(tmp_path / "config.json"))
+  arch = {f for f, _ in init_lib.ARCH[modality]}
+  assert set(fields) <= arch and len(arch - set(fields)) <= 1   # vision: num_channels stays 3
+  for field in arch:
+    assert init_lib._norm(ours[field]) == init_lib._norm(hf_json[field]), field
+  assert cfg.target.top_k <= 3

@@ -4,10 +4,12 @@ that must match one process on 4 devices."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -179,3 +181,133 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(single, r["metrics"]):
       for k in ("loss", "grad_norm", "param_norm"):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5)
+
+
+def _plan_dry_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  """python -m d2v_jax.distributed: the plan this environment gets (nothing initialised)."""
+  clean = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TPU_", "D2V_", "MEGASCALE_"))}
+  clean.update(env or {})
+  return subprocess.run([sys.executable, "-m", "d2v_jax.distributed", *args], cwd=ROOT, env=clean,
+                        capture_output=True, text=True, timeout=60)
+
+
+def test_distributed_dry_run_prints_the_plan_of_each_environment():
+  """The start-up the trainer runs (distributed.initialize) for every environment the module
+  detects, as `python -m d2v_jax.distributed` prints it."""
+  slurm = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0",
+           "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_GPUS_ON_NODE": "4"}
+  cases = [
+      ((), {}, "plan: none (single process); jax.distributed.initialize()"),
+      (("--coordinator_address=h:1234", "--num_processes=2", "--process_id=1"), {},
+       "plan: explicit (explicit coordinator h:1234, process 1/2); jax.distributed.initialize("
+       "coordinator_address='h:1234', num_processes=2, process_id=1, "
+       "cluster_detection_method='deactivate'); peer timeout 60 s"),
+      ((), {"D2V_DISTRIBUTED": "1"},   # launch/tpu.sh sets it on every TPU VM worker
+       "plan: auto (D2V_DISTRIBUTED=1: cluster detected by JAX); jax.distributed.initialize(); "
+       "peer timeout 60 s"),
+      ((), slurm, "plan: slurm (SLURM job step with 2 tasks); jax.distributed.initialize("
+                  "local_device_ids=[0, 1, 2, 3]); peer timeout 60 s"),
+      ((), {"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3", "D2V_PEER_TIMEOUT": "30"},
+       "plan: tpu (TPU slice with 4 workers); jax.distributed.initialize(); peer timeout 30 s"),
+      ((), {"MEGASCALE_COORDINATOR_ADDRESS": "m:8080"},
+       "plan: tpu (multislice TPU job (MEGASCALE_COORDINATOR_ADDRESS)); "
+       "jax.distributed.initialize(); peer timeout 60 s"),
+      (("--coordinator_address=h:1", "--num_processes=2", "--process_id=0", "--peer_timeout=5"),
+       {"D2V_DISTRIBUTED": "0"}, "plan: none (D2V_DISTRIBUTED=0); jax.distributed.initialize()"),
+  ]
+  for args, env, want in cases:
+    out = _plan_dry_run(*args, env=env)
+    assert (out.returncode, out.stdout.strip(), out.stderr) == (0, want, ""), (args, env)
+  bad = _plan_dry_run(env={"D2V_PEER_TIMEOUT": "soon"})
+  assert (bad.returncode, bad.stderr.strip()) == (
+      2, "error: D2V_PEER_TIMEOUT='soon' must be a number of seconds")
+  bad = _plan_dry_run("--coordinator_address=h:1", "--num_processes=2", "--process_id=2")
+  assert (bad.returncode, bad.stderr.strip()) == (
+      2, "error: --process_id=2 must be in [0, --num_processes=2)")
+
+
+class _FakeClient:
+  """The coordination service's key-value store, in memory; `down` makes every call fail."""
+
+  def __init__(self):
+    self.kv, self.down = {}, False
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    if self.down:
+      raise RuntimeError("UNAVAILABLE: Socket closed")
+    self.kv[key] = value
+
+  def key_value_dir_get(self, prefix):
+    if self.down:
+      raise RuntimeError("UNAVAILABLE: Socket closed")
+    return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+
+def _watch(client, pid=0, nproc=3, timeout=1.0):
+  wd = distributed.Watchdog(client, pid, nproc, timeout, "h:1234")
+  exited = []
+  wd._exit = lambda code: exited.append((code, time.monotonic()))
+  return wd, exited
+
+
+def test_watchdog_names_a_silent_peer_within_the_timeout(capsys):
+  """Peers 1 and 2 beat; peer 2 goes silent: process 0 names it (only it) between 1.0 and
+  1.0 + 3 intervals (0.1 s each) after its last beat and exits 1."""
+  client = _FakeClient()
+  wd, exited = _watch(client)
+  assert wd.interval == pytest.approx(0.2)   # timeout / 10, at least 0.2 s
+  wd.step = 7
+  wd.start()
+  t0 = time.monotonic()
+  silent_since = None
+  while not exited and time.monotonic() - t0 < 10:
+    n = int((time.monotonic() - t0) / 0.05)
+    client.key_value_set("d2v/beat/1", f"{n} 9", allow_overwrite=True)
+    if time.monotonic() - t0 < 1.0:
+      client.key_value_set("d2v/beat/2", f"{n} 8", allow_overwrite=True)
+    elif silent_since is None:
+      silent_since = time.monotonic()
+    time.sleep(0.05)
+  assert exited and exited[0][0] == 1
+  took = exited[0][1] - silent_since
+  assert 1.0 - 0.25 <= took <= 1.0 + 3 * wd.interval, took
+  err = capsys.readouterr().err.strip()
+  assert re.fullmatch(r"error: process 2 stopped responding \(no heartbeat for 1 s, peer timeout "
+                      r"1 s; its last step: 8\); process 0 stops too \(exit 1\)\. Finished "
+                      r"checkpoints are intact: rerun the same command to resume from the "
+                      r"latest", err), err
+  assert client.kv["d2v/beat/0"].split()[1] == "7"    # our own beat carries our step
+  assert wd.lost.is_set()
+
+
+def test_watchdog_stops_at_once_on_a_failed_peer_ignores_a_finished_one_and_names_the_coordinator(
+    capsys):
+  client = _FakeClient()
+  wd, exited = _watch(client, pid=1, nproc=3, timeout=5.0)
+  client.kv.update({"d2v/beat/0": "done", "d2v/beat/2": "failed"})
+  t0 = time.monotonic()
+  wd.start()
+  while not exited and time.monotonic() - t0 < 5:
+    time.sleep(0.02)
+  assert exited and exited[0][1] - t0 < 2 * wd.interval + 0.5   # no waiting for the timeout
+  assert capsys.readouterr().err.startswith(
+      "error: process 2 failed (see its log); process 1 stops too (exit 1).")
+
+  client = _FakeClient()
+  wd, exited = _watch(client, pid=2, nproc=3, timeout=2.0)
+  wd.start()
+  time.sleep(0.5)
+  client.down = True                  # process 0, the coordination service's host, is gone
+  while not exited and time.monotonic() - t0 < 10:
+    time.sleep(0.02)
+  assert exited and capsys.readouterr().err.startswith(
+      "error: process 0 stopped responding (the coordination service at h:1234 is unreachable: "
+      "UNAVAILABLE: Socket closed); process 2 stops too (exit 1).")
+
+  # A clean end: the thread stops and the peers are told "done".
+  client = _FakeClient()
+  wd, exited = _watch(client, pid=1, nproc=2, timeout=1.0)
+  wd.start()
+  wd.finish()
+  assert client.kv["d2v/beat/1"] == "done" and not wd._thread.is_alive() and not exited

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from d2v_jax import build as build_lib, sharding
-from d2v_jax.data import text as text_data
 from step_utils import assert_same_training, run_steps, step_once_keeps_shardings, tiny_text_config
 
 PRESET_MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "fsdp_tp": (1, 4, 2)}
@@ -155,56 +154,3 @@ def test_multislice_mesh_on_tpu_topology():
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
   np.testing.assert_array_equal(slice_of[:, :, 0], [[0] * 4, [1] * 4])
-
-
-def _temp_bytes(cfg) -> int:
-  """Temporary bytes of the compiled step on one device (XLA:CPU memory analysis)."""
-  built = build_lib.build(cfg, devices=jax.devices()[:1])
-  state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 built.abstract_state, built.state_shardings)
-  batch = build_lib.abstract_batch(cfg, built.modality, built.batch_shardings)
-  return built.step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
-
-
-def test_remat_and_scan_by_config_change_memory_not_numbers():
-  """model.encoder.remat (full / dots) and scan=False train exactly like the default (2 steps,
-  1e-5), and full remat compiles to fewer temporary bytes for a longer sequence."""
-  base = run_steps(tiny_text_config(), STEPS, devices=jax.devices()[:1])
-  for remat in ("full", "dots"):
-    assert_same_training(base, run_steps(tiny_text_config(**{"model.encoder.remat": remat}), STEPS,
-                                         devices=jax.devices()[:1]), 1e-5)
-  # scan=False names the layers layers_0.. (and draws other random numbers): same weights,
-  # unstacked, and no dropout give the same losses.
-  quiet = {"model.encoder.dropout": 0.0, "model.encoder.attention_dropout": 0.0,
-           "model.embed_dropout": 0.0}
-  scanned_cfg = tiny_text_config(**quiet)
-  unscanned_cfg = tiny_text_config(**quiet, **{"model.encoder.scan": False})
-  scanned = run_steps(scanned_cfg, STEPS, devices=jax.devices()[:1])
-  built = build_lib.build(unscanned_cfg, devices=jax.devices()[:1])
-  start = build_lib.build(scanned_cfg, devices=jax.devices()[:1]).init(scanned_cfg.seed)
-  n = scanned_cfg.model.encoder.num_layers
-
-  def unstack(tree):
-    if not isinstance(tree, dict):
-      return tree
-    out = {k: unstack(v) for k, v in tree.items() if k != "layers"}
-    for i in range(n):
-      if "layers" in tree:
-        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: x[i], tree["layers"])
-    return out
-
-  own = built.init(unscanned_cfg.seed)
-  state = own.replace(params=unstack(jax.device_get(start.params)),
-                      teacher=unstack(jax.device_get(start.teacher)))
-  state = jax.device_put(state, built.state_shardings)
-  batch = build_lib.to_global(text_data.example_batch(unscanned_cfg, unscanned_cfg.batch_size),
-                              built.batch_shardings)
-  losses = []
-  for _ in range(STEPS):
-    state, m = built.step(state, batch)
-    losses.append(float(m["loss"]))
-  np.testing.assert_allclose(losses, [m["loss"] for m in scanned[1]], rtol=1e-5)
-  long = {"data.block_size": 256, "batch_size": 8, "model.encoder.num_layers": 4}
-  plain = _temp_bytes(tiny_text_config(**long))
-  remat = _temp_bytes(tiny_text_config(**long, **{"model.encoder.remat": "full"}))
-  assert remat < 0.8 * plain, (remat, plain)

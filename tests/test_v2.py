@@ -6,6 +6,7 @@ import pytest
 import scipy.ndimage
 import tensorflow as tf
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -209,7 +210,7 @@ def test_decoder_shapes_and_residual_rule():
   for kind, grid, dim, want_res in (("1d", 0, 8, True), ("1d", 0, 4, False), ("2d", 4, 8, True)):
     dec = decoder_lib.ConvDecoder(dim=dim, width=8, kernel=3, groups=2, layers=2, residual=True,
                                   grid=grid)
-    params = dec.init(jax.random.PRNGKey(1), x, True)["params"]
+    params = nn.meta.unbox(dec.init(jax.random.PRNGKey(1), x, True)["params"])
     out = dec.apply({"params": params}, x, True)
     assert out.shape == (2, 16, 8), kind
     kshape = params["conv_0"]["kernel"].shape
@@ -224,7 +225,7 @@ def test_decoder_shapes_and_residual_rule():
     assert bool(jnp.any(jnp.abs(base - moved) > 1e-6)) == want_res, kind
   text = decoder_lib.ConvDecoder(dim=8, width=6, kernel=3, groups=1, layers=1, residual=False,
                                  proj_layers=2, proj_ratio=2.0)
-  p = text.init(jax.random.PRNGKey(0), x, True)["params"]
+  p = nn.meta.unbox(text.init(jax.random.PRNGKey(0), x, True)["params"])
   assert p["proj_0"]["kernel"].shape == (8, 16) and p["proj"]["kernel"].shape == (16, 6)
 
 

@@ -21,6 +21,7 @@ lang    held-out spoken language ID: the Asterisk prompts in 5 languages (en: da
         data/eval/lang_id/<lang>/<name>.wav (balanced: every probe name in every language);
         pretraining: data/eval/lang_pretrain/<lang>_<name>.wav, every other prompt of every
         language, so no sentence of the probe (in any language) is seen in pretraining.
+        Empty files (ru/is.g722 is 0 bytes in the package) are left out of both.
         data/eval/lang_split.json lists both. Voices: en and es are the same speaker (Allison),
         fr / it / ru one speaker each (it male): the probe mixes language and speaker
         identity, except en vs es.
@@ -160,7 +161,8 @@ def lang_split(dirs: dict) -> tuple[list[str], dict]:
   for lang, d in dirs.items():
     if not os.path.isdir(d):
       raise SystemExit(f"{d} missing: run .ci/setup (.ci/data/audio.sh, .ci/data/lang.sh)")
-    files[lang] = {n[:-4]: os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".wav")}
+    files[lang] = {n[:-4]: os.path.join(d, n) for n in sorted(os.listdir(d))
+                   if n.endswith(".wav") and wav_seconds(os.path.join(d, n)) > 0}  # ru/is: empty
   common = sorted(set.intersection(*(set(f) for f in files.values())))
   probe = [n for n in common
            if zlib.crc32(n.encode()) % LANG_PROBE_EVERY == 0 and not LANG_NONSPEECH.search(n)

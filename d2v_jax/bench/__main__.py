@@ -19,6 +19,8 @@ BENCHMARKS = {
     "compile": "d2v_jax.bench.compile",   # compile time of the step per modality and size
     "memory": "d2v_jax.bench.memory",     # peak host RSS of a tiny training run per modality
     "profile": "d2v_jax.bench.profile",   # where the step's time goes (XLA thunk traces)
+    "gpu": "d2v_jax.bench.gpu",
+    "v2": "d2v_jax.bench.v2",             # data2vec 1.0 vs 2.0: FLOPs / time per masked token           # base models on a GPU: time, memory, MFU per attention
 }
 
 

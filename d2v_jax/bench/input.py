@@ -17,6 +17,9 @@ after a warm-up (the fastest round is reported, all rounds are in the JSON), onc
 tf.data limited to one core (private_threadpool_size=1, max_intra_op_parallelism=1,
 autotune cpu_budget=1) and once with every core. "tokens" are
 the positions of the loss mask ([b, T]): text tokens, image patches, audio frames.
+Audio adds "padded frames" (share of the conv frames of the batches that are padding; 0 with
+length buckets) and "audio s/s" (seconds of real, unpadded audio delivered per second);
+with buckets the batch shape varies, so "batch" and "positions" are means over the round.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ DEFAULTS = {
 
 
 COLUMNS = ["config", "cores", "batch", "positions", "examples/s", "tokens/s", "ms/batch",
-           "step examples/s", "input/step"]
+           "step examples/s", "input/step", "padded frames", "audio s/s"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -62,10 +65,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", default="bench_results")
 
 
-def _measure(ds, warmup: int, batches: int, repeats: int) -> tuple[list[float], int, int]:
+def _measure(ds, warmup: int, batches: int, repeats: int,
+             on_batch=None) -> tuple[list[float], int, int]:
   """Seconds per round of `batches` batches (after `warmup`); examples and mask positions
-  per batch. Rounds follow each other on one iterator; the fastest is the least disturbed
-  by other processes on a shared machine."""
+  per batch (of the last one; audio: `on_batch(batch)` sees every timed batch). Rounds follow
+  each other on one iterator; the fastest is the least disturbed by other processes on a
+  shared machine."""
   it = ds.as_numpy_iterator()
   for _ in range(warmup):
     b = next(it)
@@ -74,6 +79,8 @@ def _measure(ds, warmup: int, batches: int, repeats: int) -> tuple[list[float], 
     t0 = time.perf_counter()
     for _ in range(batches):
       b = next(it)
+      if on_batch is not None:
+        on_batch(b)
     rounds.append(time.perf_counter() - t0)
   return rounds, b["mask"].shape[0], b["mask"].size
 
@@ -167,13 +174,21 @@ def main(args: argparse.Namespace) -> int:
           opts.threading.private_threadpool_size = 1
           opts.threading.max_intra_op_parallelism = 1
           opts.autotune.cpu_budget = 1
-        rounds, b, positions = _measure(ds.with_options(opts), warmup, batches, repeats)
+        stats = mod.data.BatchStats(cfg) if m == "audio" else None
+        rounds, b, positions = _measure(ds.with_options(opts), warmup, batches, repeats,
+                                        stats.add if stats else None)
         secs = min(rounds)
+        if stats:  # audio: the shape varies with the bucket; means over all timed batches
+          b, positions = stats.examples / stats.batches, stats.positions / stats.batches
         row = {"config": label, "cores": f"{core_label} ({cores})",
                "batch": b, "positions": positions // b,
                "examples/s": batches * b / secs, "tokens/s": batches * positions / secs,
                "ms/batch": 1e3 * secs / batches,
                "examples/s per round": [round(batches * b / r, 1) for r in rounds]}
+        if stats:
+          row.update({"positions": positions / b, "padded frames": stats.padded_fraction,
+                      "audio s/s": stats.audio_seconds / stats.batches * batches / secs,
+                      "batch shapes": [list(x) for x in sorted(stats.shapes)]})
         if step_eps:
           row.update({"step examples/s": step_eps, "input/step": row["examples/s"] / step_eps,
                       "step ms": 1e3 * step_s})

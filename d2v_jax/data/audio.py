@@ -30,10 +30,11 @@ carry no padding and there are as many batch shapes (jit compilations) as bucket
 global batch of bucket L is batch_size * max_samples / L rounded down to a multiple of
 data.batch_multiple (0: jax.device_count(); at least that multiple), so the audio per batch
 stays about constant and batch_size is the batch at the largest bucket. A bucket with fewer
-clips than one batch hands them to the next smaller one. Order: a schedule "epoch" is a
-seeded permutation of round(n_k / b_k) batches of every bucket k (evaluated per step with
-RandomIndexShuffle, nothing materialised), and inside bucket k example g of its stream is
-clip perm_k(g) like order.py, so a step's bucket and clips are O(1) to compute at any step
+clips than one batch hands them to the next smaller one (the smallest takes a smaller batch).
+Order: a schedule "epoch" is a seeded permutation of round(n_k / b_k) batches of every
+bucket k (evaluated per step with RandomIndexShuffle, nothing materialised); inside bucket k,
+passes over a fresh seeded permutation of its n_k clips give n_k // b_k whole batches each.
+So a step's bucket and clips are O(1) to compute at any step, no batch holds a clip twice,
 and per-process shards of a global batch are disjoint. data.buckets = () gives one static
 shape instead: crops of max_samples, shorter clips right-padded with zeros (hidden from the
 model by audio_len). Record sources (tfrecord, tfds) have no lengths in their index:
@@ -272,7 +273,7 @@ class _Progress:
 
   def __call__(self, done: int, skipped: int = 0) -> None:
     now = time.perf_counter()
-    if not self.enabled or now - self.last < PROGRESS_SECONDS or done >= self.total:
+    if not self.enabled or now - self.last < PROGRESS_SECONDS or not 0 < done < self.total:
       return
     self.last = now
     rate = done / max(now - self.t0, 1e-9)
@@ -693,11 +694,19 @@ def make_plan(lengths, crops, batch_size: int, multiple: int, *, padded: bool = 
     batch = tuple(int(batch_size) if k == nb - 1 else max(m, batch_size * crops[-1] // c // m * m)
                   for k, c in enumerate(crops))
     # A bucket with fewer clips than one batch would repeat clips inside its batches: its
-    # clips join the next smaller bucket instead (cropped shorter).
+    # clips join the next smaller bucket instead (cropped shorter). The smallest bucket then
+    # gets a smaller batch (a multiple of m), or its clips are left out when under m, unless
+    # it is the only bucket in use (order.py's wrap-around then applies).
     for k in range(nb - 1, 0, -1):
       here = bucket == k
       if 0 < here.sum() < batch[k]:
         bucket[here] = k - 1
+    n0 = int((bucket == 0).sum())
+    if 0 < n0 < batch[0] and (bucket > 0).any():
+      if n0 >= m:
+        batch = (n0 // m * m,) + batch[1:]
+      else:
+        bucket[bucket == 0] = -1
   count = tuple(int((bucket == k).sum()) for k in range(nb))
   per_epoch = tuple(max(1, int(np.floor(n / b + 0.5))) if n else 0 for n, b in zip(count, batch))
   members = np.concatenate([np.flatnonzero(bucket == k) for k in range(nb)]).astype(np.int64)
@@ -771,12 +780,16 @@ def _step_fns(cfg, plan: BucketPlan, process_index: int, process_count: int):
     return tf.cast(slot(step)[0], tf.int32)
 
   def ids(step):
+    # Batch j of bucket k is slice j mod q of pass j div q over a fresh permutation of its n
+    # clips, q = n div b whole batches per pass: a batch never holds a clip twice (process
+    # shards are disjoint); the n mod b clips a pass skips differ from pass to pass.
     k, j = slot(step)
     b = batch[k] // process_count
     n = count[k]
-    g = j * batch[k] + process_index * b + tf.range(b)        # stream position, as order.py
-    seeds = tf.stack([tf.fill([b], seed), g // n, tf.fill([b], _BUCKET_SALT + k)], axis=1)
-    local = tf.raw_ops.RandomIndexShuffle(index=g % n, seed=seeds, max_index=n - 1, rounds=4)
+    q = n // batch[k]
+    g = (j % q) * batch[k] + process_index * b + tf.range(b)
+    seeds = tf.stack([tf.fill([b], seed), tf.fill([b], j // q), tf.fill([b], _BUCKET_SALT + k)], axis=1)
+    local = tf.raw_ops.RandomIndexShuffle(index=g, seed=seeds, max_index=n - 1, rounds=4)
     return tf.gather(members, first[k] + local)
 
   return bucket_of, ids
@@ -800,13 +813,18 @@ def tf_dataset(cfg: ml_collections.ConfigDict, workdir: str | None, *, start_ste
   d = cfg.data
   crops = tf.constant(plan.crops, tf.int32)
   local_batch = tf.constant([b // process_count for b in plan.batch], tf.int64)
+  # The functions below use TF control flow only: autograph would spend seconds (per bucket
+  # branch) re-writing the masking code at every pipeline build.
+  plain = tf.autograph.experimental.do_not_convert
 
+  @plain
   def examples(step):
     ids = batch_ids(step)
     n = tf.size(ids, out_type=tf.int64)
     return tf.data.Dataset.from_tensor_slices(
         (tf.fill([n], step), tf.fill([n], bucket_of(step)), tf.range(n), ids))
 
+  @plain
   def example(step, k, j, i):
     x, _ = load(i)
     if d.normalize:
@@ -820,6 +838,7 @@ def tf_dataset(cfg: ml_collections.ConfigDict, workdir: str | None, *, start_ste
   active = plan.active
   branch = tf.constant([active.index(k) if k in active else 0 for k in range(len(plan.crops))])
 
+  @plain
   def masked(batch):
     step = batch["step"][0]
     seed = order.batch_seed(cfg.seed, step, process_index, _MASK_SALT)
@@ -841,9 +860,9 @@ def tf_dataset(cfg: ml_collections.ConfigDict, workdir: str | None, *, start_ste
   # batch, whatever the bucket's batch size.
   return (tf.data.Dataset.counter(start_step, dtype=tf.int64).flat_map(examples)
           .map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-          .group_by_window(key_func=lambda ex: ex["step"],
-                           reduce_func=lambda _, w: w.batch(int(max(plan.batch))),
-                           window_size_func=lambda step: tf.gather(local_batch, bucket_of(step)))
+          .group_by_window(key_func=plain(lambda ex: ex["step"]),
+                           reduce_func=plain(lambda _, w: w.batch(int(max(plan.batch)))),
+                           window_size_func=plain(lambda step: tf.gather(local_batch, bucket_of(step))))
           .map(masked, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .prefetch(2).with_options(opts))
 
@@ -996,16 +1015,20 @@ def throughput(cfg: ml_collections.ConfigDict, workdir: str | None, *, batches: 
 
 
 class BatchStats:
-  """Running totals over audio batches: real (unpadded) seconds, padded share of the conv
-  frames (what the encoder computes on), distinct batch shapes."""
+  """Running totals over audio batches: batches, examples, mask positions, real (unpadded)
+  seconds, padded share of the conv frames (what the encoder computes on), batch shapes."""
 
   def __init__(self, cfg):
     self.cfg, self.real_samples, self.real_frames, self.frames = cfg, 0, 0, 0
+    self.batches, self.examples, self.positions = 0, 0, 0
     self.shapes: set = set()
 
   def add(self, batch: dict) -> None:
     b, s = batch["audio"].shape
     m = self.cfg.model
+    self.batches += 1
+    self.examples += b
+    self.positions += batch["mask"].size
     self.real_samples += int(batch["audio_len"].sum())
     self.real_frames += int(conv_output_length(batch["audio_len"].astype(np.int64), m.conv_kernels,
                                                m.conv_strides).sum())

@@ -246,22 +246,21 @@ class AttentionFeatures:
 
 def _cudnn_unsupported(f: AttentionFeatures) -> str | None:
   if f.dtype not in ("bfloat16", "float16"):
-    return f"dtype {f.dtype} (cuDNN fused attention takes bfloat16 / float16)"
+    return f"dtype {f.dtype}: cuDNN takes bfloat16 / float16"
   if f.dropout:
-    return "attention dropout > 0 (jax.nn.dot_product_attention has no dropout)"
+    return "attention dropout > 0"
   if f.head_dim % 8 or f.head_dim > CUDNN_MAX_HEAD_DIM:
-    return f"head dim {f.head_dim} (cuDNN: a multiple of 8, at most {CUDNN_MAX_HEAD_DIM})"
+    return f"head dim {f.head_dim}: cuDNN takes a multiple of 8, at most {CUDNN_MAX_HEAD_DIM}"
   if f.bias == "per_example":
-    return "a per-example additive bias (cuDNN's bias gradient needs one bias for the batch)"
+    return "a per-example additive bias: cuDNN's bias gradient needs one bias for the batch"
   return None
 
 
 def _pallas_unsupported(f: AttentionFeatures, auto: bool) -> str | None:
   if f.dropout:
-    return "attention dropout > 0 (the Pallas flash kernel has no dropout)"
+    return "attention dropout > 0"
   if auto and f.bias in ("shared", "per_example"):
-    return ("an additive bias (the Pallas kernel reads it as a full [B, H, T, T] array from HBM, "
-            "as large as the XLA path's scores)")
+    return "an additive bias: the Pallas kernel would read it as a full [B, H, T, T] array"
   return None
 
 
@@ -296,10 +295,10 @@ def select_attention(requested: str, platform: str, features: AttentionFeatures)
     return requested, "requested"
   if platform == "gpu":
     why = _cudnn_unsupported(features)
-    return ("xla", why) if why else ("cudnn", "fused cuDNN attention")
+    return ("xla", why) if why else ("cudnn", "cuDNN fused attention")
   if platform == "tpu":
     why = _pallas_unsupported(features, True)
-    return ("xla", why) if why else ("pallas", "Pallas TPU flash attention")
+    return ("xla", why) if why else ("pallas", "Pallas flash attention")
   return "xla", f"no fused attention kernel on {platform}"
 
 
@@ -335,15 +334,16 @@ def describe_attention(spec: EncoderSpec, platform: str | None = None, bias: str
       except ValueError as e:
         impl, why = "error", str(e)
       groups.setdefault((impl, why), []).append(kind)
+    note = lambda impl, why: f" ({why})" if impl in ("xla", "error") and why != "requested" else ""
     if len(groups) == 1:
       (impl, why), = groups
-      parts.append(f"{role} {impl} ({why})")
+      parts.append(f"{role} {impl}{note(impl, why)}")
     else:
-      parts.append(f"{role} " + ", ".join(f"{impl} for {'/'.join(ks)} bias ({why})"
+      parts.append(f"{role} " + ", ".join(f"{impl} for {'/'.join(ks)} bias{note(impl, why)}"
                                            for (impl, why), ks in groups.items()))
   hint = ""
   if spec.attention_dropout > 0 and platform in ("gpu", "tpu"):
-    hint = "; model.encoder.attention_dropout=0 lets the student use the fused kernel too"
+    hint = "; attention_dropout=0 would give the student the fused kernel too"
   return (f"attention={spec.attention} on {platform} ({dtype}, head dim "
           f"{spec.hidden // spec.heads}): " + "; ".join(parts) + hint)
 
@@ -458,7 +458,7 @@ def _mesh_spec(mesh, shape, logical):
 def _attend_pallas(q, k, v, bias):
   """Pallas TPU flash attention (jax.experimental.pallas.ops.tpu.flash_attention). Its `ab`
   bias is added before the softmax scale, so it gets bias / scale; padding becomes segment
-  ids; T is padded to a multiple of the kernel's tile with hidden keys. Under a mesh the
+  ids; T is padded to a multiple of the 128-tile with hidden keys (T <= 128 costs a whole tile). Under a mesh the
   kernel runs per shard (shard_map over the batch and head axes): a Pallas call is not
   partitioned by XLA."""
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
@@ -470,7 +470,7 @@ def _attend_pallas(q, k, v, bias):
     valid = _key_valid(bias, b, t)
   elif bias is not None:
     ab = jnp.broadcast_to(bias.astype(jnp.float32) / scale, (b, h, t, t))
-  tp = -(-t // PALLAS_BLOCK) * PALLAS_BLOCK
+  tp = -(-t // PALLAS_BLOCK) * PALLAS_BLOCK   # Mosaic: "kv block size must be a multiple of 128"
   if tp != t:
     valid = jnp.pad(jnp.ones((b, t), bool) if valid is None else valid, ((0, 0), (0, tp - t)))
     q, k, v = (jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0))) for x in (q, k, v))
