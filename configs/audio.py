@@ -22,17 +22,19 @@ layerdrop 0.05; targets = mean of the top 8 FFN outputs, each instance-normalise
 0.999 -> 0.9999 over 30k updates (only the Transformer + its input LayerNorm; the conv front
 end and positional conv are shared); Adam(0.9, 0.98, eps 1e-6), wd 0.01, lr 5e-4, tri-stage
 3 % / 90 % / 7 % (init and final lr scale 0.01, fairseq's defaults), 400k updates; span masks
-p=0.65, length 10, equal count per batch, min 1 span.
+p=0.65, length 10, min 1 span, with an exact count per row (the expected fairseq count
+at the row's length, spread uniformly over the row: d2v_jax/data/masking_audio.py).
 
 Batch size. fairseq packs max_tokens=3.8M samples per GPU x 16 GPUs = 60.8M samples (63.3 min)
 per update and crops every utterance of a batch to the shortest one (no padding; utterances of
-2 s to 20 s). We use one static shape instead: B = batch_size crops of at most
-data.max_samples = 320,000 samples (20 s, fairseq max_sample_size), right-padded and hidden
-from attention. LibriSpeech-960 utterances average 12.3 s (960 h / 281k), so B = 320 carries
-~320 x 12.3 s = 65.6 min of real audio (~ the fairseq 63.3 min, 63M of the 102.4M padded
-samples: ~38 % of the conv/attention work is padding). data.min_samples = 32,000 (fairseq
-min_sample_size, 2 s) drops short files for source=files; record sources keep every record.
-Lower max_samples (e.g. 250,000) and raise batch_size to trade context for less padding.
+2 s to 20 s). We bucket instead (data.buckets, d2v_jax/data/audio.py): every batch comes from
+one of 10 crop lengths (2, 4, ..., 20 s), each clip cropped to the largest bucket it fills, so
+no frame is padding (36 % of the frames were padding with one padded 20 s shape) and there
+are 10 compiled step shapes. The global batch of a bucket is batch_size x 20 s / its length
+(rounded down to a multiple of the device count), so every batch holds about batch_size x
+20 s of audio: batch_size = 192 gives 64 min, ~ the fairseq 63.3 min. data.min_samples =
+32,000 (fairseq min_sample_size, 2 s) drops short files. data.buckets = () restores the single
+right-padded shape of data.max_samples.
 
 `runlocal` trains the tiny model for a few hundred CPU steps on real speech: the Asterisk
 English prompts (Debian asterisk-core-sounds-en-g722, 16 kHz) that `.ci/data/audio.sh`
@@ -97,7 +99,7 @@ def get_config(arg: str | None = None):
 
   c.total_steps = 400_000
   c.checkpoint_every = 10_000
-  c.batch_size = 320
+  c.batch_size = 192                 # x 20 s per batch (all buckets): 64 min of audio
   c.optim.update(dict(lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, decay_1d=True,
                       clip=0.0, schedule="tri_stage", stage_ratios=(0.03, 0.9, 0.07),
                       init_lr_scale=0.01, final_lr_scale=0.01))

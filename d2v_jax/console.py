@@ -56,7 +56,6 @@ def on_tpu_vm() -> bool:
 def set_defaults() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warning from tokenizers
   if not on_tpu_vm():
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

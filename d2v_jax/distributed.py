@@ -210,7 +210,8 @@ def fail(message: str, exc: BaseException | None = None, code: int = 1) -> None:
   if exc is not None and _LOST_PEER.search(f"{type(exc).__name__}: {exc}"):
     print(f"error: {_first_line(exc)}; waiting up to {wd.timeout:g} s for the heartbeats to "
           "name the process that stopped", file=sys.stderr, flush=True)
-    wd.lost.wait(wd.timeout + 3 * wd.interval)
+    if wd.lost.wait(wd.timeout + 3 * wd.interval):
+      time.sleep(10)   # the watchdog named the lost process and is ending this one
   if exc is not None:
     import traceback
     traceback.print_exception(exc, file=sys.stderr)
@@ -313,13 +314,13 @@ class Watchdog:
       if self._done:
         return
       self._done = True
-    self.lost.set()
     try:
       sys.stdout.flush()
     except Exception:
       pass
     print(f"{why}; process {self.pid} stops too (exit 1). Finished checkpoints are intact: "
           "rerun the same command to resume from the latest", file=sys.stderr, flush=True)
+    self.lost.set()
     self._exit(1)
 
 

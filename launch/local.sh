@@ -9,7 +9,9 @@
 # cross-process collectives, orbax writes from every process) without a cluster. Each
 # process gets --coordinator_address / --num_processes / --process_id appended. A command
 # may replace the trainer (first word after -- not an option); with N > 1 any failing
-# process stops the others.
+# process stops the others. (The trainer needs no launcher for that: its processes agree on a
+# SIGTERM that reaches any of them and stop after the same step, and a process that dies is
+# named by the others, which exit 1 within --peer_timeout; see d2v_jax/distributed.py.)
 #
 #   XLA_FLAGS=--xla_force_host_platform_device_count=2 launch/local.sh --num-processes 2 -- \
 #       --workdir /tmp/mp --config configs/text.py:variant=tiny,runlocal
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY_RUN=1 ;;
     --num-processes) N=$2; shift ;;
     --port) PORT=$2; shift ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     *) die "unknown argument '$1' (trainer arguments go after --)" ;;
   esac

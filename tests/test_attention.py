@@ -90,18 +90,35 @@ def test_right_padding_layout_is_only_exact_for_right_padding():
   assert float(jnp.max(jnp.abs(wrong - ref))) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["padding_holes", "relative_position+padding"])
-def test_pallas_flash_kernel_equals_xla_in_interpret_mode(name):
+@pytest.mark.parametrize("name, sharded", [("padding_holes", True), ("relative_position+padding", False)])
+def test_pallas_flash_kernel_equals_xla_in_interpret_mode(name, sharded):
   """The Pallas TPU flash kernel (interpret mode on CPU): padding as segment ids, an additive
   bias passed as `ab` / scale, length 13 padded to the 128-tile with hidden keys. float32
-  forward and gradients within 1e-5 (measured ~2e-7). One example (a hole and a padded tail
-  in the same row) and one head keep interpretation short."""
+  forward and gradients within 1e-5 (measured ~2e-7). Sharded: 2 examples over a 2-device
+  `data` axis (the kernel runs per shard under shard_map, as in the train step); unsharded:
+  one example with a hole and a padded tail. One head keeps interpretation short."""
+  import flax.linen as nn
   from jax.experimental.pallas import tpu as pltpu
-  bias, kind = _biases(b=1, h=1)[name]
-  q, k, v = _qkv(b=1, h=1)
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  b = 2 if sharded else 1
+  bias, kind = _biases(b=b, h=1)[name]
+  q, k, v = _qkv(b=b, h=1)
   want = _value_and_grads("xla", bias, q, k, v)
-  with pltpu.force_tpu_interpret_mode():
-    got = _value_and_grads("pallas", bias, q, k, v)
+  if not sharded:
+    with pltpu.force_tpu_interpret_mode():
+      got = _value_and_grads("pallas", bias, q, k, v)
+  else:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+    rules = (("act_batch", "data"), ("act_heads", None))
+
+    def f(q, k, v, bias):
+      with nn.logical_axis_rules(rules):
+        return jnp.sum(jnp.sin(T.attend(q, k, v, bias, impl="pallas")))
+
+    with jax.set_mesh(mesh), pltpu.force_tpu_interpret_mode():
+      sh = NamedSharding(mesh, P("data"))
+      got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)), in_shardings=(sh,) * 4)(q, k, v, bias)
   _assert_close(got, want, kind, F32_TOL)
 
 

@@ -205,6 +205,11 @@ def test_flac_and_tfrecord_sources_match_wav(prompts, tmp_path):
         w.write(tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString())
     cfg = _cfg(rec, source="tfrecord", **common)
     np.testing.assert_allclose(rows(cfg, tmp_path / kind), want, atol=2e-4)
+  # bucketing a record source needs every record's length: decoded once, cached in the workdir
+  cfg = _cfg(rec, source="tfrecord", **{**common, "buckets": (8_000,)})
+  lengths = audio.example_lengths(cfg, str(tmp_path / "len"))
+  assert sorted(lengths.tolist()) == sorted(len(_read_wav(p)) for p in picks)
+  assert len(glob.glob(str(tmp_path / "len" / "audio_lengths_*.npz"))) == 1
 
 
 def test_bad_files_name_their_path(prompts, tmp_path):

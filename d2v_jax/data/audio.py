@@ -41,7 +41,8 @@ model by audio_len). Record sources (tfrecord, tfds) have no lengths in their in
 bucketing them decodes every record once at start-up (cached in WORKDIR/audio_lengths_*.npz).
 
 Batch (numpy), for a bucket of S samples (T = conv frames of S):
-  "audio" float32 [b, S]; "audio_len" int32 [b] real samples (== S unless unbucketed);
+  "audio" float32 [b, S]; "audio_len" int32 [b] real samples (== S in bucketed batches, up to
+      the few samples a resampled file's decoded length can fall short of its header length);
   cfg.objective "v1": "mask" bool [b, T], span masks with an exact count per row that
       depends only on its own valid length (d2v_jax/data/masking_audio.py span_mask);
   cfg.objective "v2": "mask" bool [b, M, T], M = v2.clone_batch block masks per example with

@@ -202,7 +202,12 @@ def flax_roberta_params(state: dict[str, np.ndarray]) -> dict:
 
 
 _NOT_TOKENIZER = {"config.json", "model.safetensors", "pytorch_model.bin", "flax_model.msgpack",
-                  "d2v_config.json", "tf_model.h5"}
+                  "d2v_config.json", "tf_model.h5", "generation_config.json", "d2v_export.json",
+                  "README.md"}
+# Weights (sharded ones and their index included) of a model directory used as data.tokenizer
+# (init.hf): never copied with the tokenizer.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".h5", ".index.json", ".onnx", ".pt",
+                    ".ckpt", ".pth")
 
 
 def _default_tokenizer_dir(workdir: str) -> str:
@@ -219,7 +224,8 @@ def _write_tokenizer(cfg, workdir: str, out_dir: str):
   if os.path.isdir(src):
     for name in sorted(os.listdir(src)):
       path = os.path.join(src, name)
-      if os.path.isfile(path) and name not in _NOT_TOKENIZER:
+      if (os.path.isfile(path) and name not in _NOT_TOKENIZER and not name.startswith(".")
+          and not name.endswith(_WEIGHT_SUFFIXES)):
         shutil.copy2(path, os.path.join(out_dir, name))
   elif cfg.data.get("tokenizer", ""):
     # a hub name: save what transformers resolves (needs it in the local cache or network)
