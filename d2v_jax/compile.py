@@ -258,6 +258,38 @@ def analytic_flops(cfg, batch: int, seq_len: int, embed_teacher: float = 0.0,
           "total": teacher + 3 * student}
 
 
+def decoder_flops_per_position(cfg) -> float:
+  """data2vec 2.0 conv decoder (d2v_jax/models/decoder.py) forward FLOPs per position."""
+  d = cfg.v2.decoder
+  window = d.kernel ** (2 if d.kind == "2d" else 1)
+  cin, total = cfg.model.encoder.hidden, 0.0
+  for _ in range(d.layers):
+    total += 2.0 * window * (cin // d.groups) * d.dim
+    cin = d.dim
+  cur = d.dim
+  for i in range(d.proj_layers - 1):
+    nxt = int(cur * d.proj_ratio) if i == 0 else cur
+    total += 2.0 * cur * nxt
+    cur = nxt
+  return total + 2.0 * cur * cfg.model.encoder.hidden
+
+
+def analytic_flops_v2(cfg, batch: int, seq_len: int, visible: int, positions: int,
+                      embed_teacher: float = 0.0, embed_student: float = 0.0) -> dict:
+  """data2vec 2.0: the teacher on B full sequences (seq_len incl. extra tokens), the student
+  on B x M clones of `visible` + extra tokens, the decoder on all `positions` of every clone;
+  backward = 2x the student's forward (embed_student: the local features, computed once)."""
+  enc = cfg.model.encoder
+  m = int(cfg.v2.clone_batch)
+  extra = seq_len - positions
+  teacher = batch * seq_len * enc.num_layers * encoder_flops_per_token(enc, seq_len) + embed_teacher
+  k = visible + extra
+  student = (batch * m * k * enc.num_layers * encoder_flops_per_token(enc, k)
+             + batch * m * positions * decoder_flops_per_position(cfg) + embed_student)
+  return {"teacher_fwd": teacher, "student_fwd": student, "student_bwd": 2 * student,
+          "total": teacher + 3 * student}
+
+
 # ----------------------------------------------------------------------------- compiling
 
 
@@ -407,13 +439,20 @@ def compile_step(cfg, topo: Topology, *, devices=None, backend: str = "tpu") -> 
                              method=lambda m, b, student, deterministic: m.embed(
                                  b, student=student, deterministic=deterministic))
 
+  v2 = cfg.get("objective", "v1") == "v2"   # v2 batches carry [B, M, T] masks: no masked view
   with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(mesh):
-    emb_s = jax.make_jaxpr(lambda p, b: embed_only(p, b, True))(params, local)
+    emb_s = jax.make_jaxpr(lambda p, b: embed_only(p, b, not v2))(params, local)
     emb_t = jax.make_jaxpr(lambda p, b: embed_only(p, b, False))(params, local)
-    x_shape = jax.eval_shape(lambda p, b: embed_only(p, b, True), params, local)[0].shape
+    x_shape = jax.eval_shape(lambda p, b: embed_only(p, b, not v2), params, local)[0].shape
   seq_len = x_shape[1]
-  model = analytic_flops(cfg, cfg.batch_size, seq_len, matmul_flops(emb_t.jaxpr),
-                         matmul_flops(emb_s.jaxpr))
+  if v2:
+    shared = cfg.teacher.get("share_local", False)
+    model = analytic_flops_v2(cfg, cfg.batch_size, seq_len, local["visible"].shape[-1],
+                              local["mask"].shape[-1],
+                              0.0 if shared else matmul_flops(emb_t.jaxpr), matmul_flops(emb_s.jaxpr))
+  else:
+    model = analytic_flops(cfg, cfg.batch_size, seq_len, matmul_flops(emb_t.jaxpr),
+                           matmul_flops(emb_s.jaxpr))
 
   n = mesh.devices.size
   hbm = topo.chip.hbm_gib * GiB

@@ -3,6 +3,9 @@
 Parsing and type conversion are ml_collections' `config_flags`; this module only turns its
 tracebacks (unknown key, wrong type) into a message that names the key, checks values that
 are in range for the chosen model, and writes the resolved config next to the run.
+parse_argv also records which keys the command line set (explicit_keys): values resolved
+later from a tokenizer (text model.pad_id / vocab_size) or an init.hf directory (the
+architecture, d2v_jax/init.py) never overwrite them; a contradiction is a one-line error.
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@ With more than one process, `initialize()` also makes the job behave as one mach
     responding ...") and they exit 1 at once (os._exit: no hang in a collective, an orbax
     barrier or JAX's shutdown barrier). A process that fails with an error tells its peers,
     which stop at once. JAX's own heartbeat timeout is set to 2 * peer_timeout + 10 s as a
-    backstop (it aborts with its own message).
+    backstop (it aborts with its own message). Process 0 hosts JAX's coordination service:
+    when it dies, JAX itself ends every other process within a second (exit 134, "Terminating
+    process because the JAX distributed service detected fatal errors ... the leader task was
+    preempted/died"), usually before this module can print its own line naming process 0.
   * preemption is agreed: `StopVote` reduces every process's SIGTERM flag over all devices
     (one tiny all-reduce per step, read one step late with the metrics), so every process
     learns of a SIGTERM that reached any of them after the same step, and all save that step.
@@ -208,6 +211,7 @@ def fail(message: str, exc: BaseException | None = None, code: int = 1) -> None:
   if wd is None:
     return
   if exc is not None and _LOST_PEER.search(f"{type(exc).__name__}: {exc}"):
+    wd.check_coordinator()   # process 0 gone: say so now (JAX ends this process at once)
     print(f"error: {_first_line(exc)}; waiting up to {wd.timeout:g} s for the heartbeats to "
           "name the process that stopped", file=sys.stderr, flush=True)
     if wd.lost.wait(wd.timeout + 3 * wd.interval):
@@ -267,6 +271,20 @@ class Watchdog:
     except Exception:   # the service is gone: nothing to tell
       pass
 
+  def check_coordinator(self) -> None:
+    """Names process 0 and exits when the coordination service (process 0) is unreachable."""
+    if self.pid == 0:
+      return
+    try:
+      self.client.key_value_dir_get(self.PREFIX)
+    except Exception as e:
+      self._die(self._coordinator_lost(e))
+
+  def _coordinator_lost(self, e: BaseException) -> str:
+    where = f" at {self.coordinator}" if self.coordinator else ""
+    return (f"error: process 0 stopped responding (the coordination service{where} is "
+            f"unreachable: {_first_line(e)})")
+
   def _beats(self, count: int) -> dict[int, str]:
     self.client.key_value_set(f"{self.PREFIX}{self.pid}", f"{count} {self.step}",
                               allow_overwrite=True)
@@ -289,9 +307,7 @@ class Watchdog:
       except Exception as e:
         if self._stop.is_set():
           return
-        where = f" at {self.coordinator}" if self.coordinator else ""
-        self._die(f"error: process 0 stopped responding (the coordination service{where} is "
-                  f"unreachable: {_first_line(e)})")
+        self._die(self._coordinator_lost(e))
         return
       now = time.monotonic()
       for k, (value, since) in seen.items():

@@ -95,7 +95,7 @@ class Window:
   """Mean of each metric over the steps since the last log (what the log line shows); the
   non-finite counter is summed instead, so a skipped step is never averaged away. Sparse
   metrics (rank_*: NaN on the steps that do not compute them) are averaged over the steps
-  that did; NaN when none did."""
+  that did, and left out of the row when none did (JSON has no NaN)."""
 
   def __init__(self):
     self.sums, self.counts, self.n = {}, {}, 0
@@ -103,7 +103,6 @@ class Window:
   def add(self, m: dict) -> None:
     for k, v in m.items():
       if _sparse(k) and not math.isfinite(v):
-        self.sums.setdefault(k, 0.0)
         continue
       self.sums[k] = self.sums.get(k, 0.0) + v
       self.counts[k] = self.counts.get(k, 0) + 1
@@ -114,9 +113,9 @@ class Window:
       if k == "nonfinite":
         return v
       if _sparse(k):
-        return v / self.counts[k] if self.counts.get(k) else float("nan")
+        return v / self.counts[k]
       return v / max(self.n, 1)
-    out = {k: one(k, v) for k, v in self.sums.items()}
+    out = {k: one(k, v) for k, v in self.sums.items() if not _sparse(k) or self.counts.get(k)}
     self.sums, self.counts, self.n = {}, {}, 0
     return out
 

@@ -11,9 +11,10 @@ d2v_jax.data.vision.EXTENSIONS or the run's data.extensions; audio: the trainer'
 d2v_jax.data.audio.EXTENSIONS / list_files, e.g. .wav .flac .ogg .mp3) or, for text, a TSV
 of `text<TAB>label` lines.
 Preprocessing is the run's, without masking or augmentation: text is tokenized with the run's
-tokenizer (data.tokenizer or WORKDIR/tokenizer) as <s> text </s>, cut at data.block_size and
-padded; images are decoded as in training (alpha composited onto data.background), resized
-(shorter side) and centre-cropped to model.image_size and normalised by data.mean /
+tokenizer (data.tokenizer or WORKDIR/tokenizer) as <s> text </s> (its bos / eos, or [CLS] /
+[SEP]), cut at data.block_size and padded with model.pad_id; images are decoded as in
+training (alpha composited onto data.background), resized (shorter side) and
+centre-cropped to model.image_size and normalised by data.mean /
 data.std; audio is decoded at data.sample_rate, normalised per
 utterance (data.normalize) and cut / zero-padded to data.max_samples from its start.
 The same stratified, seeded splits (--test-frac held out; --repeats N splits with seeds
@@ -131,9 +132,13 @@ def text_tokenizer(cfg, workdir: str | None):
 
 def _text_set(cfg, workdir, path) -> LabelledSet:
   texts, names = read_tsv(path)
+  from d2v_jax.data import text as text_data
   tok = text_tokenizer(cfg, workdir)
   block = int(cfg.data.block_size)
-  ids = tok(texts, add_special_tokens=True, truncation=True, max_length=block)["input_ids"]
+  # as training packs: the tokenizer's bos + tokens + eos (its own padding / truncation off)
+  bos, eos = text_data.special_ids(tok)["bos"], text_data.special_ids(tok)["eos"]
+  enc = text_data.corpus_encoder(tok).encode_batch(texts, add_special_tokens=False)
+  ids = [[bos] + e.ids[: block - 2] + [eos] for e in enc]
   # one length for the whole set (one compile), as short as the longest example allows
   t = min(block, 8 * math.ceil(max(len(x) for x in ids) / 8))
   out = np.full((len(ids), t), cfg.model.pad_id, np.int32)

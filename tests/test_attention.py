@@ -221,19 +221,20 @@ def test_describe_attention_names_teacher_and_student_choice():
 
 def test_encoder_with_pallas_equals_xla_encoder():
   """A whole (one-layer, float32) encoder with attention=pallas on a pretend TPU (interpret
-  mode) gives the XLA encoder's output and parameter gradients to 1e-5."""
+  mode) gives the XLA encoder's output and parameter gradients to 1e-5; attention=cudnn off
+  a GPU is an error."""
   from jax.experimental.pallas import tpu as pltpu
   base = T.EncoderSpec(num_layers=1, hidden=32, heads=1, mlp_dim=64, dropout=0.0,
-                       attention_dropout=0.0, attention="xla")
-  x = jnp.asarray(np.random.default_rng(3).standard_normal((B, L, 32)), jnp.float32)
-  bias, _ = _biases(h=1)["padding_holes"]
+                       attention_dropout=0.0, attention="xla", scan=False)
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((1, L, 32)), jnp.float32)
+  bias, _ = _biases(b=1, h=1)["padding_holes"]
   params = T.Encoder(base).init(jax.random.PRNGKey(0), x, bias, True)
 
   def loss(spec):
     def f(p):
       final, layers = T.Encoder(spec).apply(p, x, bias, True)
       return jnp.sum(jnp.sin(final)) + jnp.sum(layers ** 2)
-    return jax.value_and_grad(f)(params)
+    return jax.jit(jax.value_and_grad(f))(params)
 
   want = loss(base)
   with pltpu.force_tpu_interpret_mode():

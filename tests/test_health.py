@@ -184,6 +184,8 @@ def test_train_step_rank_metrics_every_n_steps():
   mean = window.mean()
   assert mean["rank_target"] == pytest.approx((got[0]["rank_target"] + got[2]["rank_target"]) / 2)
   assert mean["loss"] == pytest.approx(sum(g["loss"] for g in got) / 3)
+  window.add(got[1])   # a window without a computed rank logs no rank keys (no NaN in JSON)
+  assert set(window.mean()) == set(got[1]) - {"rank_target", "rank_pred"}
 
 
 # ----------------------------------------------------------------------- in-training hook

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from d2v_jax import metrics
 from reliability_utils import (ROOT, Procs, assert_states_equal, env, free_port, load_state,
                                step_losses, text_args, text_setup)
 
@@ -26,8 +27,12 @@ pytestmark = pytest.mark.slow
 PEER_TIMEOUT = 10        # seconds (--peer_timeout): a silent process ends the job after this
 STEPS = 8
 # Resumed on another process count, each process draws the masks of its own rows (seeded by
-# step and process index), so the losses follow the straight run's trajectory, not its bits.
-LOSS_RTOL = 0.03
+# step and process index), so the losses follow the straight run's trajectory, not its bits
+# (measured: up to 2.1% apart per step on 4 processes, 1.2% on the mean of steps 5..8; the
+# parameter norm 3e-6 apart, one step of training moves it 1e-4).
+LOSS_RTOL = 0.05
+LOSS_MEAN_RTOL = 0.02
+PARAM_NORM_RTOL = 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +174,24 @@ def test_two_process_checkpoint_resumes_on_four_processes(shared, straight, tmp_
 
 
 def _close_to_straight(straight, work):
-  """Steps 5..8 of the resumed run: same global batches, other masks -> close losses."""
-  want, got = step_losses(straight), step_losses(work)
+  """Steps 5..8 of a run resumed from checkpoint 4 on another process count see the same
+  global batches with other masks (drawn per process): the losses stay within LOSS_RTOL of
+  the straight run's per step and LOSS_MEAN_RTOL on the mean, and the parameter norm (masks
+  barely move it) within PARAM_NORM_RTOL, 5x tighter than one step of training changes it
+  (a restore of the wrong step or of fresh weights fails)."""
+  want = {r["step"]: r for r in metrics.read(straight)}
+  got = {r["step"]: r for r in metrics.read(work)}   # the resumed launch's rows come last
   assert sorted(got) == list(range(1, STEPS + 1))
-  for s in range(5, STEPS + 1):
-    np.testing.assert_allclose(got[s], want[s], rtol=LOSS_RTOL, err_msg=f"step {s}")
-  print("losses 5..8 straight", [round(want[s], 4) for s in range(5, 9)],
-        "resumed", [round(got[s], 4) for s in range(5, 9)])
+  steps = range(5, STEPS + 1)
+  for s in steps:
+    np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=LOSS_RTOL, err_msg=f"step {s}")
+    np.testing.assert_allclose(got[s]["param_norm"], want[s]["param_norm"], rtol=PARAM_NORM_RTOL,
+                               err_msg=f"step {s}")
+  one_step = abs(want[5]["param_norm"] - want[4]["param_norm"]) / want[4]["param_norm"]
+  assert one_step > 5 * PARAM_NORM_RTOL, one_step
+  mean = lambda rows: np.mean([rows[s]["loss"] for s in steps])
+  np.testing.assert_allclose(mean(got), mean(want), rtol=LOSS_MEAN_RTOL)
+  print("losses 5..8 straight", [round(want[s]["loss"], 4) for s in steps],
+        "resumed", [round(got[s]["loss"], 4) for s in steps],
+        "param_norm rel. diff", [f"{abs(got[s]['param_norm'] / want[s]['param_norm'] - 1):.1e}"
+                                 for s in steps])
