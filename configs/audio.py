@@ -163,12 +163,8 @@ def v2(c, layers: int, hidden: int, runlocal: bool) -> None:
                                 residual=True, proj_layers=1, input_dropout=0.1))
   c.teacher.ema_subtrees = ("encoder", "embed/pos_conv_*")
   c.teacher.share_local = True
-  c.target.top_k = min(8, layers)
-  c.target.layer_norm = "instance"
-  c.target.final_norm = "none"
-  c.loss.beta = 0.0
-  c.loss.scale = None
-  c.loss.reduce_dims = "sum"
+  common.targets_and_loss(c, top_k=min(8, layers), layer_output="ffn", layer_norm="instance",
+                          final_norm="none", beta=0.0, scale=None, reduce_dims="sum")
   if runlocal:
     c.v2.clone_batch = 4
     c.v2.decoder.layers = 3

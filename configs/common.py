@@ -193,6 +193,14 @@ def tau_schedule(c: ml_collections.ConfigDict, start: float, end: float, steps: 
   c.teacher.tau_start, c.teacher.tau_end, c.teacher.anneal_steps = start, end, steps
 
 
+def targets_and_loss(c: ml_collections.ConfigDict, *, top_k: int, layer_output: str,
+                     layer_norm: str, final_norm: str, beta: float, scale, reduce_dims: str) -> None:
+  """The target recipe (d2v_jax/targets.py) and the regression loss in one call."""
+  c.target.update(dict(top_k=top_k, layer_output=layer_output, layer_norm=layer_norm,
+                       final_norm=final_norm))
+  c.loss.beta, c.loss.scale, c.loss.reduce_dims = beta, scale, reduce_dims
+
+
 def v2_recipe(c: ml_collections.ConfigDict, *, clones: int, mask_prob: float, mask_adjust: float,
               mask_length: int, decoder: dict, cls_loss: float = 0.0) -> None:
   """Switches a config to the data2vec 2.0 objective with these masks and decoder."""

@@ -100,6 +100,7 @@ def get_config(arg: str | None = None):
   c.data.span = span
   c.data.random_token_prob = rand
   c.data.leave_unmasked_prob = keep
+  c.data.max_unk_frac = 0.05         # stop when more of the prepared corpus is unknown tokens
   c.data.cache_dir = ""              # where tokenized blocks are cached; empty: WORKDIR/data_cache
 
   if args["variant"] == "large":
@@ -124,12 +125,8 @@ def v2(c, layers: int, runlocal: bool) -> None:
                                 layers=5, residual=False, proj_layers=2, proj_ratio=2.0,
                                 input_dropout=0.1))
   c.teacher.share_local = True          # embeddings shared; the teacher reads the student's
-  c.target.top_k = layers
-  c.target.layer_norm = "instance"
-  c.target.final_norm = "none"
-  c.loss.beta = 0.0
-  c.loss.scale = 1.0
-  c.loss.reduce_dims = "sum"
+  common.targets_and_loss(c, top_k=layers, layer_output="ffn", layer_norm="instance",
+                          final_norm="none", beta=0.0, scale=1.0, reduce_dims="sum")
   if runlocal:
     c.v2.clone_batch = 4
     c.v2.decoder.layers = 3

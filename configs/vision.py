@@ -141,7 +141,8 @@ def get_config(arg: str | None = None):
   c.data.split = "train"
   c.data.tfds_data_dir = ""            # tfds data_dir; empty: tfds default (~/tensorflow_datasets)
   c.data.image_key = "image"           # tfds feature / tf.train.Example key of the encoded image
-  c.data.extensions = (".jpg", ".jpeg", ".png")  # case-insensitive (ImageNet: .JPEG)
+  c.data.extensions = ()               # () = every format of data/vision.EXTENSIONS (any case)
+  c.data.background = (255, 255, 255)  # RGB that transparent pixels are composited onto
   c.data.on_bad_image = "skip"         # skip (count, warn, use another image) | stop
   c.data.crop_scale = (0.08, 1.0)      # RandomResizedCrop area range (BEiT)
   c.data.crop_ratio = (3 / 4, 4 / 3)
@@ -182,13 +183,9 @@ def v2(c, layers: int, runlocal: bool) -> None:
                                 residual=True, proj_layers=1, input_dropout=0.0),
                    cls_loss=0.01 * 256)
   c.model.encoder.update(dict(dropout=0.0, attention_dropout=0.0, drop_path=0.0))
-  c.target.top_k = min(10, layers) if layers >= 12 else max(1, layers - 1)
-  c.target.layer_output = "ffn"
-  c.target.layer_norm = "instance"
-  c.target.final_norm = "layer"
-  c.loss.beta = 0.0
-  c.loss.scale = None                   # 1 / sqrt(D)
-  c.loss.reduce_dims = "sum"
+  common.targets_and_loss(c, top_k=min(10, layers) if layers >= 12 else max(1, layers - 1),
+                          layer_output="ffn", layer_norm="instance", final_norm="layer",
+                          beta=0.0, scale=None, reduce_dims="sum")   # L2 x 1 / sqrt(D)
   c.data.crop_scale = (0.2, 1.0)
   c.data.color_jitter = (0.0, 0.0, 0.0)
   if runlocal:

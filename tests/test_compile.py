@@ -72,8 +72,9 @@ def _check_figures(r: C.Report, n_devices: int):
   assert mem["argument"] >= sum(r.state_bytes.values())
   assert mem["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["code"]
   assert r.fits and r.num_devices == n_devices
-  # The traced step's matmuls are exactly the analytic count (same formula, other source).
-  assert r.traced_matmul_flops == pytest.approx(r.model_flops, rel=1e-9)
+  # The traced step's matmuls are the analytic count (same formula, other source) plus the
+  # step's health metrics (d2v_jax/health.py: a d x d feature covariance, +1.8 % here).
+  assert r.model_flops <= r.traced_matmul_flops <= 1.02 * r.model_flops
   # XLA's FLOPs (loop bodies scaled) agree with the analytic count within 10 %.
   per_device = r.model_flops / n_devices
   assert 1.0 <= r.flops_per_device / per_device < 1.10, (r.flops_per_device, per_device)
@@ -215,7 +216,7 @@ def test_batch_search_per_remat_policy_with_a_fake_compiler(monkeypatch):
   """search_remat: one search per policy, each starting where the previous one ended. Fake
   memory 1 GiB + (0.3 GiB none | 0.1 GiB full) per example on v5e (15.75 GiB): 49 and 147."""
   topo = C.parse_topology("v5e-8")
-  per_example = {"none": 0.3, "full": 0.1}
+  per_example = {"none": 0.3, "full": 0.1, "save_dots": 0.2}
 
   def fake_compile(cfg, topo_, *, devices=None, backend="tpu"):
     b = cfg.batch_size // 8
@@ -246,7 +247,7 @@ def test_largest_batch_per_remat_policy_on_tpu(capsys):
   compile, a table with the largest batch per policy (full remat fits more), the report of
   the best one, and no unlabelled estimate."""
   argv = ["compile", "--config", "configs/text.py:variant=tiny", "--topology", "v5e-4",
-          "--config.model.vocab_size=96", "--config.data.block_size=2048", "--search_batch",
+          "--config.model.vocab_size=96", "--config.data.block_size=512", "--search_batch",
           "--remat", "none,full", "--batch_per_device=16"]
   assert C.main(argv) == C.EXIT_OK
   text = capsys.readouterr().out
