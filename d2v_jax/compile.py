@@ -206,10 +206,13 @@ def matmul_flops(jaxpr, scale_loops: bool = True) -> float:
   """Dot and convolution FLOPs of a jaxpr (global shapes). scan bodies count `length` times
   (with scale_loops=False: as many times as XLA's loop body holds them, which is what its
   cost analysis counts); cond takes its costliest branch; while loops count once (their trip
-  count is not static)."""
+  count is not static). The step's "metrics" scope (health statistics such as the in-step
+  effective rank's covariance) is not model compute and is left out."""
   total = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
+    if "metrics" in str(eqn.source_info.name_stack).split("/"):
+      continue
     if name == "dot_general":
       total += _dot_flops(eqn)
     elif name == "conv_general_dilated":

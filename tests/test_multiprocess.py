@@ -29,10 +29,10 @@ STEPS = 8
 # Resumed on another process count, each process draws the masks of its own rows (seeded by
 # step and process index), so the losses follow the straight run's trajectory, not its bits
 # (measured: up to 2.1% apart per step on 4 processes, 1.2% on the mean of steps 5..8; the
-# parameter norm 3e-6 apart, one step of training moves it 1e-4).
+# parameter norm up to 7.5e-6 apart on 1 process, 3.3e-6 on 4; step 5 moves it 9.5e-5).
 LOSS_RTOL = 0.05
 LOSS_MEAN_RTOL = 0.02
-PARAM_NORM_RTOL = 2e-5
+PARAM_NORM_RTOL = 1.5e-5
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +177,8 @@ def _close_to_straight(straight, work):
   """Steps 5..8 of a run resumed from checkpoint 4 on another process count see the same
   global batches with other masks (drawn per process): the losses stay within LOSS_RTOL of
   the straight run's per step and LOSS_MEAN_RTOL on the mean, and the parameter norm (masks
-  barely move it) within PARAM_NORM_RTOL, 5x tighter than one step of training changes it
-  (a restore of the wrong step or of fresh weights fails)."""
+  barely move it) within PARAM_NORM_RTOL, over 5x tighter than one step of training changes
+  it (a restore of the wrong step or of fresh weights fails)."""
   want = {r["step"]: r for r in metrics.read(straight)}
   got = {r["step"]: r for r in metrics.read(work)}   # the resumed launch's rows come last
   assert sorted(got) == list(range(1, STEPS + 1))
