@@ -201,7 +201,8 @@ _LOST_PEER = re.compile(r"gloo|connection (reset|closed|refused)|socket closed|u
                         r"deadline|heartbeat|barrier|coordination|peer", re.IGNORECASE)
 
 
-def fail(message: str, exc: BaseException | None = None, code: int = 1) -> None:
+def fail(message: str, exc: BaseException | None = None, code: int = 1,
+         show_traceback: bool = False) -> None:
   """Ends this process of a multi-process job on an error (never returns when a watchdog
   runs; returns at once with one process). When the error looks like a lost peer, first
   waits up to the peer timeout for the watchdog to name the process that stopped (it exits
@@ -216,7 +217,7 @@ def fail(message: str, exc: BaseException | None = None, code: int = 1) -> None:
           "name the process that stopped", file=sys.stderr, flush=True)
     if wd.lost.wait(wd.timeout + 3 * wd.interval):
       time.sleep(10)   # the watchdog named the lost process and is ending this one
-  if exc is not None:
+  if exc is not None and show_traceback:
     import traceback
     traceback.print_exception(exc, file=sys.stderr)
   wd.finish("failed")

@@ -306,7 +306,7 @@ def main(argv=None) -> None:
   except Exception as e:
     # Several processes: a lost peer is named (or this error is), peers are told, exit 1
     # without waiting in JAX's shutdown barrier. One process: the usual traceback.
-    distributed.fail(f"error: {type(e).__name__}: {first_line(e)}", e)
+    distributed.fail(f"error: {type(e).__name__}: {first_line(e)}", e, show_traceback=True)
     raise
   finally:
     preempted.restore()

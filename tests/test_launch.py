@@ -311,3 +311,22 @@ def test_watchdog_stops_at_once_on_a_failed_peer_ignores_a_finished_one_and_name
   wd.start()
   wd.finish()
   assert client.kv["d2v/beat/1"] == "done" and not wd._thread.is_alive() and not exited
+
+
+def test_fail_tells_the_peers_and_exits_without_joining_jax_shutdown(monkeypatch, capsys):
+  """A process of several that fails with an ordinary error publishes "failed" (its peers
+  stop at once) and leaves with os._exit(code), not through JAX's shutdown barrier."""
+  client = _FakeClient()
+  wd, _ = _watch(client, pid=1, nproc=2, timeout=30.0)
+  wd.start()
+  codes = []
+  monkeypatch.setattr(distributed.os, "_exit", codes.append)
+  monkeypatch.setitem(distributed._STATE, "watchdog", wd)
+  t0 = time.monotonic()
+  distributed.fail("error: data.path matches no file", ValueError("no file"), code=2)
+  assert codes == [2] and time.monotonic() - t0 < 3      # no waiting: not a lost peer
+  assert client.kv["d2v/beat/1"] == "failed" and not wd._thread.is_alive()
+  assert capsys.readouterr().err == "error: data.path matches no file\n"
+  monkeypatch.setitem(distributed._STATE, "watchdog", None)
+  distributed.fail("error: x")                           # one process: returns, nothing else
+  assert codes == [2]
