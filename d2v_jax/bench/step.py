@@ -24,7 +24,7 @@ from d2v_jax import bench
 
 COLUMNS = ["modality", "size", "dtype", "threads", "ours ms", "torch ms", "ours/torch",
            "ours noise", "torch noise", "ours cpu ms", "torch cpu ms", "cpu ours/torch",
-           "loss ours", "loss torch"]
+           "loss ours", "loss torch", "audio s/s", "padded"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +67,12 @@ def compare(modality: str, size: str, dtype: str, reps: int, batch_size: int,
   o, t = res["ours"], res["torch"]
   ow, tw = timing.median(o["wall"]), timing.median(t["wall"])
   oc, tc = timing.median(o["cpu"]), timing.median(t["cpu"])
-  return {"modality": modality, "size": size, "dtype": dtype,
+  audio = {}
+  if modality == "audio":   # seconds of real (unpadded) audio trained per second of step time
+    real = float(s.batch["audio_len"].sum())
+    audio = {"audio s/s": real / s.cfg.data.sample_rate / ow,
+             "padded": 1.0 - real / s.batch["audio"].size}
+  return {**audio, "modality": modality, "size": size, "dtype": dtype,
           "threads": len(os.sched_getaffinity(0)), "batch": s.cfg.batch_size,
           "ours ms": 1e3 * ow, "torch ms": 1e3 * tw, "ours/torch": ow / tw,
           "ours noise": timing.spread(o["wall"]), "torch noise": timing.spread(t["wall"]),
