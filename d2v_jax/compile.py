@@ -26,6 +26,7 @@ choices made for a TPU host: model.encoder.platform=tpu). Printed, per device:
   --search_batch --remat all     ... for each remat policy (none, full, minimal, save_dots,
                                  save_qkv_out, offload), one table row each
   --remat full,minimal           compile at --batch_per_device with each policy
+  --max_trials N                 compiles per search (default 6; fewer: the edge is a bound)
 
 Topology names: Cloud TPU accelerator types (v4-8, v5p-8: TensorCores; v5e-8 / v5litepod-8,
 v6e-8: chips) or libtpu names (v5e:2x4, v4:2x2x1). TPU compilation needs libtpu
@@ -765,6 +766,8 @@ def _flags(argv: list[str]):
   flags.DEFINE_string("remat", "", "remat policies to compare: all, or a comma list of "
                       "none,full,minimal,save_dots,save_qkv_out,offload (with --search_batch: "
                       "the largest batch per policy)", flag_values=fv)
+  flags.DEFINE_integer("max_trials", 6, "--search_batch: compiles per search (per remat policy)",
+                       flag_values=fv)
   flags.DEFINE_bool("fallback", False, "compile for fake CPU devices even if libtpu exists",
                     flag_values=fv)
   flags.DEFINE_string("json", None, "also write the report as JSON here", flag_values=fv)
@@ -803,7 +806,7 @@ def _main_remat(cfg, topo, devices, backend, policies, fv) -> int:
   """--remat: one search (or one compile at the given batch) per policy, then a table."""
   if fv.search_batch:
     rows = search_remat(cfg, topo, devices, backend, policies, fv.batch_per_device or 8,
-                        log=lambda s: print(s, flush=True))
+                        fv.max_trials, log=lambda s: print(s, flush=True))
   else:
     rows = []
     for policy in policies:
@@ -859,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
       return _main_remat(cfg, topo, devices, backend, remat_names(fv.remat), fv)
     if fv.search_batch:
       start = fv.batch_per_device or 8
-      lo, hi, seen = search_batch(cfg, topo, devices, backend, start)
+      lo, hi, seen = search_batch(cfg, topo, devices, backend, start, fv.max_trials)
       print(f"largest batch per device that fits {topo.chip.name} HBM: {lo}"
             + (f" ({hi} does not)" if hi else " (search stopped before a failure)"))
       if not lo:

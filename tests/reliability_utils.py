@@ -211,7 +211,7 @@ class Procs:
 
   def __init__(self, args: list[str], workdir: str, n: int, log_dir: str, tag: str,
                peer_timeout: float | None = None, env_for=None, devices: int = 1,
-               extra_env: dict | None = None):
+               extra_env: dict | None = None, xla_flags: str = ""):
     self.n, self.logs, self.procs = n, [], []
     port = free_port()
     for i in range(n):
@@ -221,7 +221,7 @@ class Procs:
                 f"--process_id={i}"]
       if peer_timeout is not None:
         cmd.append(f"--peer_timeout={peer_timeout}")
-      extra = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      extra = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip(),
                **(extra_env or {}), **((env_for or (lambda _: {}))(i))}
       path = os.path.join(log_dir, f"{tag}.{i}.log")
       self.logs.append(path)

@@ -116,6 +116,8 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_same_command_continues(s
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 0, out[-3000:]
+  # The trainer's start-up is distributed.py's (one process here: its plan says so).
+  assert "distributed: single process (none); 1 process, 8 devices (8 local)\n" in out
   saved = int(re.search(r"SIGTERM: saving step (\d+) and exiting", out).group(1))
   assert saved >= 3 and _steps(work) == [saved]
   assert [r["step"] for r in metrics.read(work)] == list(range(1, saved + 1))  # none lost
