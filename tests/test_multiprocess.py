@@ -2,7 +2,7 @@
 localhost, one fake CPU device per process, the tiny text model, 8 steps, checkpoints at 4
 and 8): a SIGTERM that reaches one process stops every process after the same step, a
 process killed with SIGKILL is named by the survivor, which exits within the peer timeout,
-and a 2-process run resumes on 1 and on 4 processes.
+and a 2-process run resumes on 1 process (this one) and on 4 processes.
 
 The reference is one straight 2-process run through launch/local.sh (module fixture). All
 launches share a JAX compilation cache (same programs, compiled once) and compile with LLVM
@@ -156,7 +156,8 @@ def test_sigkill_of_one_process_ends_the_other_within_the_peer_timeout(shared, s
   assert PEER_TIMEOUT <= int(named[0][0]) <= PEER_TIMEOUT + 3 and int(named[0][1]) in (4, 5)
   assert elapsed <= PEER_TIMEOUT + 8, elapsed
   assert _steps(work) == [4]
-  print(f"\nsurvivor exited {elapsed:.1f} s after the kill (peer timeout {PEER_TIMEOUT} s)")
+  with capsys.disabled():
+    print(f"\nsurvivor exited {elapsed:.1f} s after the kill (peer timeout {PEER_TIMEOUT} s)")
 
   # The rerun on ONE process (in this one, on one of its CPU devices) resumes from step 4.
   capsys.readouterr()
