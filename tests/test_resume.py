@@ -109,9 +109,10 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_same_command_continues(s
   proc = subprocess.Popen(train_cmd(args, work), cwd=ROOT, env=env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
-    wait_for_line(proc, "step       3/10000")
+    head = "".join(wait_for_line(proc, "step       3/10000"))
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
+    out = head + out
   finally:
     if proc.poll() is None:
       proc.kill()

@@ -179,7 +179,7 @@ def example_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
 
 def list_images(path: str, extensions=EXTENSIONS) -> list[str]:
   """Sorted image files under comma-separated directories / globs (directories recursively)."""
-  exts = tuple(e.lower() for e in extensions)
+  exts = tuple(e.lower() for e in (extensions or EXTENSIONS))   # () = every readable format
   out = set()
   for pat in (p.strip() for p in path.split(",")):
     if not pat:
