@@ -110,9 +110,12 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
   config_lib.validate(cfg)
   mod.data.validate(cfg)
   guards = metrics_lib.Guards(cfg.guards)
+  # The mesh and batch checks come before data preparation (tokenizer training, caching,
+  # audio indexing can take minutes; a mesh that does not fit should fail at once).
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  sharding.check_batch(cfg.batch_size, mesh, nproc)
   mod.data.prepare(cfg, workdir)
-  built = build_lib.build(cfg, devices=devices)
-  sharding.check_batch(cfg.batch_size, built.mesh, nproc)
+  built = build_lib.build(cfg, mesh=mesh)
 
   saver = checkpoint.Saver(workdir, keep=cfg.keep_checkpoints)
   finished = False

@@ -181,3 +181,17 @@ def test_unreadable_audio_file_is_named(tmp_path):
   msg = str(e.value)
   assert msg.startswith(f"audio file {bad} cannot be read: ") and "\n" not in msg, msg
   assert "ffmpeg cannot decode it: " in msg or "ffmpeg is not installed" in msg
+
+
+def test_mesh_that_does_not_fit_fails_before_any_data_is_prepared(setup, tmp_path):
+  """The mesh / batch checks run before data preparation (tokenizer training, corpus caching,
+  audio indexing take minutes on real data): the error comes at once and nothing is cached."""
+  work, cache = tmp_path / "fresh", tmp_path / "cache"
+  cfg = parse(text_args(setup, total_steps=4, **{"batch_size": 12, "mesh.preset": "dp",
+                                                 "data.cache_dir": str(cache)}))
+  with pytest.raises(config_lib.ConfigError) as e:
+    train.run(cfg, str(work))
+  msg = str(e.value)
+  assert msg == ("batch_size=12 is not divisible by the 8 batch shards (mesh data=8 x fsdp=1); "
+                 "use a multiple of 8"), msg
+  assert not cache.exists() or not any(cache.iterdir()), sorted(cache.iterdir())
