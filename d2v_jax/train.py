@@ -122,6 +122,9 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
   try:
     latest = saver.latest_step()
     if latest is not None:
+      if pid == 0:   # a large state takes a while to read: say what is happening
+        print(f"restoring checkpoint step {latest} of {workdir} ...", flush=True)
+      t_restore = time.time()
       try:
         state, meta = saver.restore(built.abstract_state, built.state_shardings)
       except checkpoint.CheckpointError:
@@ -133,7 +136,8 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
             f"({os.path.join(workdir, 'config.json')}) or choose another --workdir") from None
       step, data_pos = int(meta["step"]), int(meta["data_position"])
       if pid == 0:
-        print(f"resumed from {workdir} at step {step} (data position {data_pos})", flush=True)
+        print(f"resumed from {workdir} at step {step} (data position {data_pos}) "
+              f"in {time.time() - t_restore:.1f} s", flush=True)
     else:  # a new run: fresh weights, or init.hf / init.checkpoint (d2v_jax/init.py)
       from d2v_jax import init as init_lib
       state, step, data_pos = init_lib.initial_params(cfg, built, built.init(cfg.seed)), 0, 0

@@ -1,6 +1,7 @@
 """Smoke: the tiny text config on the real KJV corpus, resume, export, and CLI errors."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def test_loss_goes_down_on_real_text(run_dir):
 
 def test_rerun_resumes_at_the_saved_step(run_dir, kjv_path, capsys):
   train.run(_cfg(kjv_path, 40), run_dir)
-  assert "resumed from" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "resumed from" in out and re.search(r"restoring checkpoint step \d+ of .* \.\.\.\n", out), out
   steps = [r["step"] for r in metrics.read(run_dir)]
   assert steps == [5, 10, 15, 20, 25, 30, 35, 40]   # continued at 30, nothing re-done
   assert sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints"))
