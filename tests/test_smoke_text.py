@@ -1,8 +1,8 @@
 """Smoke: the tiny text config on the real KJV corpus, resume, export, and CLI errors."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 

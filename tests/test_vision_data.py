@@ -56,7 +56,7 @@ def batches(cfg, n, start=0, p=0, count=1, workdir="/tmp/d2v_test_vision"):
 
 def test_files_batches_shapes_masks_and_stats(photo_dir):
   cfg = cfg_for(photo_dir)
-  assert V.list_images(photo_dir, V.image_extensions(cfg)) == sorted(
+  assert V.list_images(photo_dir, cfg.data.extensions) == sorted(
       os.path.join(photo_dir, "a" if i % 2 else "b", f"{n}.{'png' if i % 2 else 'jpg'}")
       for i, n in enumerate(NAMES))
   out, it = batches(cfg, 4)
