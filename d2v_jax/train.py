@@ -144,6 +144,7 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
     if pid == 0:
       sizes, repl = sharding.report(built.state_shardings, built.abstract_state)
       print(sharding.report_line(built.mesh, sizes, repl), flush=True)
+      print(_attention_line(cfg, mod), flush=True)
     out = _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos)
     finished = True
   finally:
@@ -155,6 +156,14 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
       except checkpoint.CheckpointError as e:  # keep the error that is already propagating
         print(f"error: {e}", file=sys.stderr, flush=True)
   return out
+
+
+def _attention_line(cfg, mod) -> str:
+  """Which attention implementation `model.encoder.attention` resolved to (teacher and
+  student) on this platform, for the modality's bias kind."""
+  from d2v_jax.models import transformer
+  spec = transformer.EncoderSpec.from_config(cfg.model.encoder, cfg.dtype)
+  return transformer.describe_attention(spec, bias=getattr(mod.model, "ATTENTION_BIAS", None))
 
 
 def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos) -> dict:

@@ -176,4 +176,9 @@ def test_cpu_run_prints_only_its_own_lines(tmp_path):
   noise = [x for x in lines if console.NOISE.search(x) or re.match(r"[IWEF]\d{4} ", x)]
   assert not noise, noise
   assert lines[-1].startswith("done in ") and any(x.startswith("step       1/1 |") for x in lines)
-  assert len(lines) <= 7, lines
+  # The start-up line that names the attention implementation `auto` chose (#15): on CPU the
+  # XLA path for teacher and student, for the text embedder's key-padding bias.
+  att = [x for x in lines if x.startswith("attention=")]
+  assert len(att) == 1 and re.match(r"attention=auto on cpu \(float32, head dim \d+\): "
+                                    r"teacher xla \(.+\); student xla \(.+\)$", att[0]), att
+  assert len(lines) <= 8, lines

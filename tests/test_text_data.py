@@ -315,3 +315,25 @@ def test_progress_lines(kjv, monkeypatch, capsys, tmp_path):
   assert re.match(r"caching corpus: [\d,]+ lines, [\d,]+ tokens, [\d.]+ MiB \([\d.]+ MiB/s\) "
                   r"\| \d+% of [\d.]+ MiB \| ETA \d:\d\d:\d\d$", lines[0]), lines[0]
   assert lines[-1].split(" | ")[1].startswith("100% of ")
+
+
+def test_tokenizer_training_progress_lines(monkeypatch, capsys, tmp_path, kjv_path):
+  """Training a tokenizer prints lines for reading (counts, ETA) and, while the merges are
+  computed inside `tokenizers`, a periodic elapsed-time line, then a done line."""
+  monkeypatch.setattr(text, "PROGRESS_AFTER", 0.0)
+  monkeypatch.setattr(text, "PROGRESS_EVERY", 0.02)
+  small = tmp_path / "s.txt"
+  with open(kjv_path) as f:
+    small.write_text("".join(next(f) for _ in range(20000)))
+  text.resolve_tokenizer(config(path=str(small), vocab_size=8192), str(tmp_path / "w"))
+  lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("training tokenizer")]
+  import re
+  kinds = ["read" if ": read" in x else "merges" if "computing merges (" in x else
+           "done" if ": done in" in x else "?" for x in lines]
+  assert "?" not in kinds, lines
+  assert kinds[-1] == "done" and kinds.count("done") == 1, kinds
+  first_merge = kinds.index("merges")      # the merge heartbeat starts after reading ends
+  assert "read" in kinds[:first_merge] and "read" not in kinds[first_merge:], kinds
+  assert re.match(r"training tokenizer \(vocab 8192\): read: [\d,]+ lines", lines[0]), lines[0]
+  assert re.match(r"training tokenizer: computing merges \(vocab 8192\), \d+ s so far$",
+                  lines[first_merge]), lines[first_merge]

@@ -174,7 +174,8 @@ def positions(cfg) -> int:
 
 
 def _bias_kind(cfg) -> str:
-  return "shared" if cfg.modality == "vision" else "padding"
+  from d2v_jax.modality import load
+  return load(cfg.modality).model.ATTENTION_BIAS
 
 
 def parity(cfg, device, dpa_implementation: str = "cudnn") -> tuple[bool, str]:

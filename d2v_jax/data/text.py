@@ -38,6 +38,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from typing import Iterator
 
@@ -102,6 +103,41 @@ class Progress:
 
   def elapsed(self) -> float:
     return time.time() - self.t0
+
+
+class _Heartbeat:
+  """A line every PROGRESS_EVERY seconds while a call that reports nothing runs (the BPE
+  merge computation happens inside `tokenizers`, which releases the GIL but has no progress
+  hook for non-terminals). It speaks only once `progress` has consumed its input, so the
+  reading phase keeps its own lines; silent when the whole phase takes < PROGRESS_AFTER."""
+
+  def __init__(self, progress: Progress, line):
+    self.progress, self.line = progress, line
+    self.done = threading.Event()
+    self.thread = threading.Thread(target=self._beat, daemon=True)
+    self.t_read = None
+
+  def _beat(self):
+    while not self.done.wait(max(min(PROGRESS_EVERY, 1.0), 0.01)):
+      now = time.time()
+      if self.t_read is None:
+        continue
+      if (now - self.progress.t0 >= PROGRESS_AFTER
+          and now - self.progress.last >= PROGRESS_EVERY):
+        self.progress.last = now
+        self.progress.printed = True
+        _log(self.line(now - self.t_read))
+
+  def reading_done(self):
+    self.t_read = time.time()
+
+  def __enter__(self):
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.done.set()
+    self.thread.join()
 
 
 def _hms(seconds: float) -> str:
@@ -173,15 +209,20 @@ def resolve_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
     progress = Progress(f"training tokenizer (vocab {cfg.data.vocab_size}): read",
                         _total_bytes(cfg))
 
+    heartbeat = _Heartbeat(progress, lambda dt: f"training tokenizer: computing merges "
+                           f"(vocab {cfg.data.vocab_size}), {dt:.0f} s so far")
+
     def units():
       for u in _text_units(cfg):
         progress.update(1, len(u) + 1)
         yield u
+      heartbeat.reading_done()
       if progress.printed:
         _log(f"training tokenizer: read {progress.units:,} lines in {progress.elapsed():.0f} s; "
              "computing merges")
 
-    train_tokenizer(units(), cfg.data.vocab_size, out)
+    with heartbeat:
+      train_tokenizer(units(), cfg.data.vocab_size, out)
     if progress.printed:
       _log(f"training tokenizer: done in {progress.elapsed():.0f} s ({out})")
   return load_tokenizer(out)

@@ -36,6 +36,10 @@ from d2v_jax.data.masking_audio import conv_output_length
 from d2v_jax.models.transformer import constrain, padding_bias
 from d2v_jax.models.visible import gather_tokens
 
+# The attention bias kind (transformer.BIAS_KINDS) this embedder returns: key padding.
+# The trainer's start-up line names the attention implementation chosen for it.
+ATTENTION_BIAS = "padding"
+
 _CONV_AXES = ("conv_kernel", "conv_in", "conv_out")
 
 

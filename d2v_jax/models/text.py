@@ -16,6 +16,10 @@ import jax.numpy as jnp
 from d2v_jax.models.transformer import INIT, constrain, layer_norm, padding_bias
 from d2v_jax.models.visible import gather_tokens
 
+# The attention bias kind (transformer.BIAS_KINDS) this embedder returns: key padding.
+# The trainer's start-up line names the attention implementation chosen for it.
+ATTENTION_BIAS = "padding"
+
 
 def position_ids(ids, pad_id: int):
   """First real token gets pad_id + 1; padding keeps pad_id (HF / fairseq convention)."""

@@ -26,6 +26,11 @@ import numpy as np
 from d2v_jax.models.transformer import constrain
 from d2v_jax.models.visible import gather_bias, gather_tokens, with_extra
 
+# The attention bias kind (transformer.BIAS_KINDS) this embedder returns: shared (one table per batch).
+# The trainer's start-up line names the attention implementation chosen for it.
+ATTENTION_BIAS = "shared"
+
+
 # data2vec_vision's trunc_normal_(std=0.02) truncates at +-1 std (a=-std, b=std): the drawn
 # values have std ~0.0108. Used for the CLS / mask tokens, the patch conv and, through
 # `beit_init`, every Linear of the encoder and head.
