@@ -10,6 +10,7 @@ architecture, d2v_jax/init.py) never overwrite them; a contradiction is a one-li
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -168,7 +169,8 @@ def set_path(cfg: ml_collections.ConfigDict, key: str, value) -> None:
 
 def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
   """A "a.b.c=VALUE" string onto an existing key, converted to the type of its value
-  (bool: 1/true/yes; int, float; anything else stays the string), for tools that take
+  (bool: 1/true/yes; int, float; tuple / list as a Python literal; anything else stays the
+  string), for tools that take
   overrides as strings rather than --config.KEY flags."""
   key, eq, value = item.partition("=")
   *parents, leaf = key.split(".")
@@ -181,12 +183,20 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
   if not eq or node is None or leaf not in node:
     raise ConfigError(f"override {item!r}: expected KEY=VALUE with an existing key")
   old = node[leaf]
-  if isinstance(old, bool):
-    node[leaf] = value.lower() in ("1", "true", "yes")
-  elif isinstance(old, (int, float)):
-    node[leaf] = type(old)(value)
-  else:
-    node[leaf] = value
+  try:
+    if isinstance(old, bool):
+      node[leaf] = value.lower() in ("1", "true", "yes")
+    elif isinstance(old, (int, float)):
+      node[leaf] = type(old)(value)
+    elif isinstance(old, (tuple, list)):   # "()", "(16000, 32000)", "[1, 2]"
+      parsed = ast.literal_eval(value)
+      parsed = parsed if isinstance(parsed, (tuple, list)) else (parsed,)
+      node[leaf] = type(old)(parsed)
+    else:
+      node[leaf] = value
+  except (ValueError, TypeError, SyntaxError) as e:
+    raise ConfigError(f"override {item!r}: {value!r} is not a {type(old).__name__} like the "
+                      f"current value {old!r} ({str(e).splitlines()[0]})") from None
 
 
 def die(msg: str, code: int = 2) -> None:

@@ -210,6 +210,15 @@ def test_string_overrides_take_the_type_of_the_existing_value():
   for bad in ("model.encoder.no_such_key=1", "no_such.parent=1", "batch_size"):
     with pytest.raises(config_lib.ConfigError, match="expected KEY=VALUE with an existing key"):
       config_lib.apply_override(cfg, bad)
+  with pytest.raises(config_lib.ConfigError, match=r"'abc' is not a int like the current value 32"):
+    config_lib.apply_override(cfg, "batch_size=abc")
+  audio = config_lib.load_file("configs/audio.py:runlocal")
+  config_lib.apply_override(audio, "data.buckets=(16000, 32000)")
+  assert audio.data.buckets == (16000, 32000)
+  config_lib.apply_override(audio, "data.buckets=()")     # the unbucketed (padded) input
+  assert audio.data.buckets == ()
+  with pytest.raises(config_lib.ConfigError, match="is not a tuple"):
+    config_lib.apply_override(audio, "data.buckets=(16000,")
 
 
 def test_batch_search_per_remat_policy_with_a_fake_compiler(monkeypatch):

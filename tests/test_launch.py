@@ -251,6 +251,7 @@ def _watch(client, pid=0, nproc=3, timeout=1.0):
   return wd, exited
 
 
+@pytest.mark.serial   # wall-clock bounds of a 1 s peer timeout
 def test_watchdog_names_a_silent_peer_within_the_timeout(capsys):
   """Peers 1 and 2 beat; peer 2 goes silent: process 0 names it (only it) between 1.0 and
   1.0 + 3 intervals (0.1 s each) after its last beat and exits 1."""
@@ -281,6 +282,7 @@ def test_watchdog_names_a_silent_peer_within_the_timeout(capsys):
   assert wd.lost.is_set()
 
 
+@pytest.mark.serial   # wall-clock bounds of a 1 s peer timeout
 def test_watchdog_stops_at_once_on_a_failed_peer_ignores_a_finished_one_and_names_the_coordinator(
     capsys):
   client = _FakeClient()
@@ -313,6 +315,7 @@ def test_watchdog_stops_at_once_on_a_failed_peer_ignores_a_finished_one_and_name
   assert client.kv["d2v/beat/1"] == "done" and not wd._thread.is_alive() and not exited
 
 
+@pytest.mark.serial   # wall-clock bounds of a 1 s peer timeout
 def test_fail_tells_the_peers_and_exits_without_joining_jax_shutdown(monkeypatch, capsys):
   """A process of several that fails with an ordinary error publishes "failed" (its peers
   stop at once) and leaves with os._exit(code), not through JAX's shutdown barrier."""

@@ -24,7 +24,7 @@ from d2v_jax import metrics, train
 from reliability_utils import (ROOT, Procs, assert_states_equal, env, free_port, load_state,
                                parse, step_losses, text_args, text_setup)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]   # peer-timeout bounds in seconds
 
 PEER_TIMEOUT = 10        # seconds (--peer_timeout): a silent process ends the job after this
 FAST_COMPILE = "--xla_backend_optimization_level=0"
