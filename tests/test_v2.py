@@ -175,6 +175,70 @@ def test_student_never_sees_masked_content(spec):
                                         {"image": batch["image"] + 1.0})})["pred"]))
 
 
+def _receptive_field(cfg) -> tuple[int, int]:
+  """(stride, width) in samples of one frame of the audio CNN: frame t reads
+  samples [t * stride, t * stride + width)."""
+  width, stride = 1, 1
+  for k, st in reversed(list(zip(cfg.model.conv_kernels, cfg.model.conv_strides))):
+    width = (width - 1) * st + k
+  for st in cfg.model.conv_strides:
+    stride *= st
+  return stride, width
+
+
+def test_audio_student_never_sees_masked_content():
+  """data2vec 2.0 audio: the CNN reads the whole clip (as fairseq's), so the invariant is on
+  what enters the Transformer. (1) Local features changed at frames masked in every clone:
+  the student's encoder and decoder outputs are bitwise unchanged. (2) Audio samples changed
+  that only frames masked in every clone read (by the CNN's receptive field): predictions equal
+  to atol 1e-6, while the same change to samples that visible frames read moves them by
+  > 1e-3."""
+  built = _built("configs/audio.py:runlocal,v2", **{"v2.clone_batch": 2})
+  cfg, model = built.cfg, built.model
+  state = built.init(0)
+  batch = _example(built, 2)
+  rng = np.random.default_rng(0)
+  audio = rng.normal(size=batch["audio"].shape).astype(np.float32)
+  batch = {**batch, "audio": jnp.asarray(audio)}
+  hidden = _masked_everywhere(batch)                       # [B, T] frames
+  assert 0 < hidden.sum() < hidden.size
+  # (1) features at hidden frames
+  x, valid = model.apply({"params": state.params}, batch, method=model.local)
+  m = batch["mask"].shape[1]
+  mask = batch["mask"].reshape(-1, batch["mask"].shape[-1])
+  vis = batch["visible"].reshape(-1, batch["visible"].shape[-1])
+
+  def student(feats):
+    rep = lambda a: jnp.repeat(a, m, axis=0)
+    return model.apply({"params": state.params}, rep(feats), rep(valid), mask, vis,
+                       deterministic=True, noise_rng=jax.random.PRNGKey(1),
+                       method=model.student_v2)
+
+  noise = jnp.asarray(rng.normal(size=x.shape), x.dtype)
+  a = student(x)
+  b = student(jnp.where(jnp.asarray(hidden)[..., None], x + 3.0 * noise, x))
+  np.testing.assert_array_equal(np.asarray(a["final"]), np.asarray(b["final"]))
+  np.testing.assert_array_equal(np.asarray(a["pred"]), np.asarray(b["pred"]))
+  # (2) samples read only by hidden frames
+  stride, width = _receptive_field(cfg)
+  t = hidden.shape[1]
+  readers = np.zeros((audio.shape[1], t), bool)            # sample -> frames that read it
+  for f in range(t):
+    readers[f * stride:f * stride + width, f] = True
+  only_hidden = (readers[None] <= hidden[:, None, :]).all(-1) & readers.any(-1)[None]
+  assert only_hidden.sum() > 1000, only_hidden.sum()       # [B, S] samples
+  changed = np.where(only_hidden, audio + 3.0 * rng.normal(size=audio.shape), audio)
+  _x, _ = model.apply({"params": state.params}, {**batch, "audio": jnp.asarray(changed)},
+                      method=model.local)
+  c = student(_x)
+  np.testing.assert_allclose(np.asarray(c["pred"]), np.asarray(a["pred"]), rtol=0, atol=1e-6)
+  seen = np.where(~only_hidden & readers.any(-1)[None], audio + 3.0 * rng.normal(size=audio.shape),
+                  audio)
+  _x, _ = model.apply({"params": state.params}, {**batch, "audio": jnp.asarray(seen)},
+                      method=model.local)
+  assert np.abs(np.asarray(student(_x)["pred"]) - np.asarray(a["pred"])).max() > 1e-3
+
+
 def test_teacher_runs_once_per_example_and_clones_share_targets():
   built = _built("configs/text.py:runlocal,v2")
   cfg = built.cfg
