@@ -189,3 +189,23 @@ def test_gpu_bench_measurement_path_on_cpu(tmp_path):
   assert row["positions"] == 32 and row["batch"] == 2
   assert row["examples/s"] == pytest.approx(2 / (row["step ms"] / 1e3))
   assert row["MFU %"] > 0 and row["compiled GiB"] > 0   # (a CPU figure: no meaning beyond that)
+
+
+@pytest.mark.slow   # traces two base-size steps and compiles two tiny ones
+def test_v2_quick_table(tmp_path, capsys):
+  """`bench v2 --quick --modality text`: the traced base-size FLOP rows (v1, v2) and the timed
+  1-layer rows; FLOPs per masked token as README states (text: v2 2.6x fewer than v1)."""
+  p = _run(tmp_path, "v2", "--quick", "--modality", "text")
+  rows = p["rows"]
+  assert [(r["objective"], r["size"]) for r in rows] == [("v1", "base"), ("v1", "tiny"),
+                                                         ("v2", "base"), ("v2", "tiny")]
+  for r in rows:
+    assert r["GFLOP/view"] * r["views"] == pytest.approx(r["GFLOP/example"])
+    assert r["MFLOP/masked token"] == pytest.approx(
+        1e3 * r["GFLOP/example"] / r["masked/example"])
+  v1, v2 = rows[0], rows[2]
+  assert v1["views"] == 1 and v2["views"] > 1 and v2["masked/example"] > v1["masked/example"]
+  assert rows[1]["ms/step"] > 0 and rows[3]["us/masked token"] > 0
+  assert p["ratios"]["text"] == pytest.approx(v1["flops_per_masked"] / v2["flops_per_masked"])
+  assert round(p["ratios"]["text"], 1) == 2.6, p["ratios"]
+  assert "text: v2 uses 2.6x fewer FLOPs per masked token than v1" in capsys.readouterr().out
