@@ -101,6 +101,13 @@ def test_masks_exact_counts_distinct_clones_deterministic_and_same_in_tf_data():
   ds = tf.data.Dataset.from_tensors(seed).map(lambda s: masking_v2.block_2d_batch(vcfg, s, 3, 8))
   np.testing.assert_array_equal(next(iter(ds))["mask"].numpy(), ev["mask"].numpy())
   assert (ev["mask"].numpy().sum(-1) == 64 - 12).all()
+  vm = ev["mask"].numpy()
+  assert vm.shape[1] == vcfg.v2.clone_batch > 1
+  for ex in vm:                               # M distinct masks per image
+    assert len({r.tobytes() for r in ex}) == vm.shape[1]
+  np.testing.assert_array_equal(masking_v2.block_2d_batch(vcfg, seed, 3, 8)["mask"].numpy(), vm)
+  other = masking_v2.block_2d_batch(vcfg, tf.constant([8, 1], tf.int64), 3, 8)["mask"].numpy()
+  assert (other != vm).any()                  # another seed, other masks
 
 
 # ----------------------------------------------------------------------- model pieces
