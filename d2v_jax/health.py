@@ -14,7 +14,7 @@ Per step (inside the jitted train step, d2v_jax/step.py), on the positions the l
                      1 = every target on one line, D = uncorrelated channels. Every
                      eval.step_rank_every steps (default 10, NaN on the steps between;
                      1 = every step; 0 = off).
-                     Guarded by guards.min_rank (d2v_jax/metrics.py Guards).
+                     Guarded by guards.min_target_rank (d2v_jax/metrics.py Guards).
   feature_var        (when step.py passes `features`) mean over channels of the per-channel
                      variance of the local encoder's output (audio conv features) over valid
                      frames.
