@@ -170,8 +170,7 @@ def set_path(cfg: ml_collections.ConfigDict, key: str, value) -> None:
 def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
   """A "a.b.c=VALUE" string onto an existing key, converted to the type of its value
   (bool: 1/true/yes; int, float; tuple / list as a Python literal; anything else stays the
-  string), for tools that take
-  overrides as strings rather than --config.KEY flags."""
+  string), for tools that take overrides as strings rather than --config.KEY flags."""
   key, eq, value = item.partition("=")
   *parents, leaf = key.split(".")
   node = cfg

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from d2v_jax import build as build_lib, config as config_lib, objectives, targets as T
 from d2v_jax.data import masking_v2
+from d2v_jax.data.masking_audio import receptive_field
 from d2v_jax.models import decoder as decoder_lib
 from step_utils import assert_same_training
 
@@ -182,17 +183,6 @@ def test_student_never_sees_masked_content(spec):
                                         {"image": batch["image"] + 1.0})})["pred"]))
 
 
-def _receptive_field(cfg) -> tuple[int, int]:
-  """(stride, width) in samples of one frame of the audio CNN: frame t reads
-  samples [t * stride, t * stride + width)."""
-  width, stride = 1, 1
-  for k, st in reversed(list(zip(cfg.model.conv_kernels, cfg.model.conv_strides))):
-    width = (width - 1) * st + k
-  for st in cfg.model.conv_strides:
-    stride *= st
-  return stride, width
-
-
 def test_audio_student_never_sees_masked_content():
   """data2vec 2.0 audio: the CNN reads the whole clip (as fairseq's), so the invariant is on
   what enters the Transformer. (1) Local features changed at frames masked in every clone:
@@ -227,7 +217,7 @@ def test_audio_student_never_sees_masked_content():
   np.testing.assert_array_equal(np.asarray(a["final"]), np.asarray(b["final"]))
   np.testing.assert_array_equal(np.asarray(a["pred"]), np.asarray(b["pred"]))
   # (2) samples read only by hidden frames
-  stride, width = _receptive_field(cfg)
+  stride, width = receptive_field(cfg.model.conv_kernels, cfg.model.conv_strides)
   t = hidden.shape[1]
   readers = np.zeros((audio.shape[1], t), bool)            # sample -> frames that read it
   for f in range(t):

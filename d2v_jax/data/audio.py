@@ -79,7 +79,7 @@ import tensorflow as tf
 
 from d2v_jax.config import ConfigError
 from d2v_jax.data import masking_v2, order
-from d2v_jax.data.masking_audio import block_mask_1d, conv_output_length, span_mask
+from d2v_jax.data.masking_audio import block_mask_1d, conv_output_length, receptive_field, span_mask
 
 SOURCES = ("files", "tfrecord", "tfds")
 # Audio formats a directory in data.path (or a probe folder) is searched for; ffmpeg decodes
@@ -944,9 +944,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   m, d = cfg.model, cfg.data
   n = len(m.conv_dims)
   t = frames(cfg, d.max_samples) if len(m.conv_kernels) == len(m.conv_strides) == n else 0
-  receptive = 1
-  for k, s in reversed(list(zip(m.conv_kernels, m.conv_strides))):
-    receptive = (receptive - 1) * s + k
+  receptive = receptive_field(m.conv_kernels, m.conv_strides)[1]
   checks = [
       (len(m.conv_kernels) == n and len(m.conv_strides) == n,
        f"model.conv_dims / conv_kernels / conv_strides must have the same length "

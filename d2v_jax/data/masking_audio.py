@@ -36,6 +36,17 @@ import numpy as np
 import tensorflow as tf
 
 
+def receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> tuple[int, int]:
+  """(stride, width) in samples of one output frame of the conv feature extractor: frame t
+  reads samples [t * stride, t * stride + width)."""
+  width, stride = 1, 1
+  for k, s in reversed(list(zip(kernels, strides))):
+    width = (width - 1) * s + k
+  for s in strides:
+    stride *= s
+  return stride, width
+
+
 def conv_output_length(length, kernels: Sequence[int], strides: Sequence[int]):
   """Frames after the conv feature extractor (no padding): L <- floor((L - k) / s) + 1 per
   layer, clamped at 0. Works on Python ints, numpy, TF and JAX integer arrays (floor

@@ -83,11 +83,15 @@ class Progress:
     self.units += units
     self.bytes += nbytes
     self.tokens += tokens
+    self.maybe_log(self.line)
+
+  def maybe_log(self, line) -> None:
+    """_log(line(now)) when due: silent for PROGRESS_AFTER s, then every PROGRESS_EVERY s."""
     now = time.time()
     if now - self.t0 >= PROGRESS_AFTER and (not self.printed or now - self.last >= PROGRESS_EVERY):
       self.last = now
       self.printed = True
-      _log(self.line(now))
+      _log(line(now))
 
   def line(self, now: float) -> str:
     dt = max(now - self.t0, 1e-9)
@@ -119,14 +123,8 @@ class _Heartbeat:
 
   def _beat(self):
     while not self.done.wait(max(min(PROGRESS_EVERY, 1.0), 0.01)):
-      now = time.time()
-      if self.t_read is None:
-        continue
-      if (now - self.progress.t0 >= PROGRESS_AFTER
-          and now - self.progress.last >= PROGRESS_EVERY):
-        self.progress.last = now
-        self.progress.printed = True
-        _log(self.line(now - self.t_read))
+      if self.t_read is not None:
+        self.progress.maybe_log(lambda now: self.line(now - self.t_read))
 
   def reading_done(self):
     self.t_read = time.time()
