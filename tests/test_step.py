@@ -70,12 +70,18 @@ def test_nonfinite_step_is_skipped():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.fixture(scope="module")
+def single_device_run():
+  """The 1-device reference of the sharded comparisons (the same for every mesh)."""
+  return run_steps(tiny_text_config(), 3, devices=jax.devices()[:1])
+
+
 @pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2),
                                   dict(data=1, fsdp=4, tensor=2)])
-def test_sharded_step_equals_single_device(mesh):
+def test_sharded_step_equals_single_device(mesh, single_device_run):
   """8 fake devices vs 1: losses within 1e-5 relative, params within 1e-5 abs after 3 steps."""
   cfg = tiny_text_config(**{f"mesh.{k}": v for k, v in mesh.items()})
-  single = run_steps(tiny_text_config(), 3, devices=jax.devices()[:1])
+  single = single_device_run
   sharded = run_steps(cfg, 3, devices=jax.devices()[:8])
   assert_same_training(single, sharded, 1e-5)
   step_once_keeps_shardings(cfg, sharded[2])   # declared shardings kept on every output leaf

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from d2v_jax import build as build_lib, config as config_lib, objectives, targets as T
 from d2v_jax.data import masking_v2
+from d2v_jax.modality import load as load_modality
 from d2v_jax.data.masking_audio import receptive_field
 from d2v_jax.models import decoder as decoder_lib
 from step_utils import assert_same_training
@@ -307,16 +308,29 @@ def test_loss_and_cls_loss_on_a_hand_computed_case():
   np.testing.assert_allclose(np.asarray(cls), want, rtol=1e-6)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", ["dp", "fsdp"])
-def test_v2_sharded_equals_single_device(preset):
-  from step_utils import run_steps
+def _v2_text_cfg(preset="dp"):
   cfg = config_lib.load_file("configs/text.py:runlocal,v2")
   cfg.model.vocab_size, cfg.data.block_size = 96, 24
   cfg.mesh.preset = preset
-  batch = cfg.modality and build_lib.build(cfg, devices=jax.devices()[:1]).modality.data.example_batch(cfg, cfg.batch_size)
-  one = run_steps(cfg, 2, devices=jax.devices()[:1], batch=batch)
-  eight = run_steps(cfg, 2, devices=jax.devices(), batch=batch)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def v2_single_device():
+  """(batch, 2 steps on one device): the reference of every preset (on one device a preset
+  changes no number)."""
+  from step_utils import run_steps
+  cfg = _v2_text_cfg()
+  batch = load_modality(cfg.modality).data.example_batch(cfg, cfg.batch_size)
+  return batch, run_steps(cfg, 2, devices=jax.devices()[:1], batch=batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["dp", "fsdp"])
+def test_v2_sharded_equals_single_device(preset, v2_single_device):
+  from step_utils import run_steps
+  batch, one = v2_single_device
+  eight = run_steps(_v2_text_cfg(preset), 2, devices=jax.devices(), batch=batch)
   assert_same_training(one, eight, tol=1e-5)
 
 
