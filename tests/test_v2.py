@@ -15,7 +15,7 @@ from d2v_jax.data import masking_v2
 from d2v_jax.modality import load as load_modality
 from d2v_jax.data.masking_audio import receptive_field
 from d2v_jax.models import decoder as decoder_lib
-from step_utils import assert_same_training
+from step_utils import assert_same_training, run_steps
 
 
 # ------------------------------------------------------------------------------ masks
@@ -319,7 +319,6 @@ def _v2_text_cfg(preset="dp"):
 def v2_single_device():
   """(batch, 2 steps on one device): the reference of every preset (on one device a preset
   changes no number)."""
-  from step_utils import run_steps
   cfg = _v2_text_cfg()
   batch = load_modality(cfg.modality).data.example_batch(cfg, cfg.batch_size)
   return batch, run_steps(cfg, 2, devices=jax.devices()[:1], batch=batch)
@@ -328,7 +327,6 @@ def v2_single_device():
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["dp", "fsdp"])
 def test_v2_sharded_equals_single_device(preset, v2_single_device):
-  from step_utils import run_steps
   batch, one = v2_single_device
   eight = run_steps(_v2_text_cfg(preset), 2, devices=jax.devices(), batch=batch)
   assert_same_training(one, eight, tol=1e-5)
