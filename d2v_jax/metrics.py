@@ -121,7 +121,9 @@ class Window:
 
 
 class Throughput:
-  """Examples/s and tokens/s over the window since the last call, and an ETA."""
+  """Examples/s and tokens/s over the window since the last call, an ETA, and elapsed_s: the
+  wall time since this launch's loop began (first step's compile included), which is what
+  equal-time comparisons of two recipes pick checkpoints by."""
 
   def __init__(self, start_step: int, total_steps: int):
     self.t0 = self.t = time.perf_counter()
@@ -135,7 +137,7 @@ class Throughput:
     done = step - self.start
     eta = (self.total - step) * (now - self.t0) / max(done, 1)
     return {"examples_per_s": examples_per_step * rate, "tokens_per_s": tokens_per_step * rate,
-            "steps_per_s": rate, "eta_s": eta}
+            "steps_per_s": rate, "eta_s": eta, "elapsed_s": now - self.t0}
 
 
 def progress_line(step: int, total: int, m: dict) -> str:

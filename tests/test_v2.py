@@ -291,6 +291,26 @@ def test_decoder_shapes_and_residual_rule():
   assert p["proj_0"]["kernel"].shape == (8, 16) and p["proj"]["kernel"].shape == (16, 6)
 
 
+@pytest.mark.parametrize("window,groups", [((3, 3), 4), ((3, 3), 1), ((7,), 16), ((3,), 2)])
+def test_grouped_conv_impls_equal_nn_conv(window, groups):
+  """Every decoder conv path (XLA's, the stacked-taps matmul CPU takes for 2-D, the
+  forward-conv gradients 1-D takes) is nn.Conv's convolution: outputs to 2e-6 and input /
+  kernel gradients of sum(y^2) to 1e-6 relative to their largest entry (float32)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2,) + (6,) * len(window) + (16,))
+  ref = nn.Conv(16, window, padding=[(k // 2, k // 2) for k in window], feature_group_count=groups)
+  p = ref.init(jax.random.PRNGKey(1), x)["params"]
+  want = ref.apply({"params": p}, x)
+  gwant = jax.grad(lambda x, p: (ref.apply({"params": p}, x) ** 2).sum(), argnums=(0, 1))(x, p)
+  for impl in ("xla", "taps", "auto"):
+    f = lambda x, p: decoder_lib.grouped_conv(x, p["kernel"], groups, impl) + p["bias"]
+    got = f(x, p)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-6, err_msg=impl)
+    for g, gw in zip(jax.grad(lambda x, p: (f(x, p) ** 2).sum(), argnums=(0, 1))(x, p), gwant):
+      for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(gw)):
+        np.testing.assert_allclose(a, b, atol=1e-6 * float(np.abs(b).max()), err_msg=impl)
+
+
 def test_loss_and_cls_loss_on_a_hand_computed_case():
   """L2 x 1/sqrt(D) summed over dims, mean over the masked positions of all clones, plus
   cls_loss x the mean over rows of the CLS row loss (hand-computed)."""

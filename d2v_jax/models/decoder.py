@@ -16,13 +16,15 @@ Decoder1d convolves over the sequence [N, T, C]; Decoder2d over the patch grid [
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d2v_jax.models.transformer import gelu
+from d2v_jax.models.transformer import conv1d_same_stride, gelu
 
 # torch.nn.Conv / Linear default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)); the bias too.
 _TORCH_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -34,6 +36,74 @@ def _torch_bias(fan_in: int):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
   return init
+
+
+def _conv_xla(x, kernel, groups):
+  pad = [(k // 2, k // 2) for k in kernel.shape[:-2]]
+  spatial = "".join("HWD"[:len(pad)])
+  dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                        (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+  return jax.lax.conv_general_dilated(x, kernel, (1,) * len(pad), pad, dimension_numbers=dims,
+                                      feature_group_count=groups)
+
+
+def _conv_taps(x, kernel, groups):
+  """The same convolution as one batched matmul over the stacked kernel taps (im2col per
+  group): XLA:CPU runs grouped convolutions (feature_group_count > 1) through a slow generic
+  loop, several times slower than this in the runlocal vision decoder's training step; the
+  FLOPs are the same, the stacked taps cost k^d x the input's memory."""
+  window, (cg, cout) = kernel.shape[:-2], kernel.shape[-2:]
+  spatial = x.shape[1:-1]
+  xp = jnp.pad(x, [(0, 0)] + [(k // 2, k // 2) for k in window] + [(0, 0)])
+  taps = [xp[(slice(None),) + tuple(slice(t, t + s) for t, s in zip(tap, spatial))]
+          for tap in itertools.product(*(range(k) for k in window))]
+  cols = jnp.stack(taps, axis=-2)                                # [N, *S, taps, C_in]
+  cols = cols.reshape(*cols.shape[:-1], groups, cg)              # [N, *S, taps, G, C_in/G]
+  w = kernel.reshape(len(taps), cg, groups, cout // groups)      # row-major taps, as stacked
+  y = jnp.einsum("...tgc,tcgo->...go", cols, w)
+  return y.reshape(*y.shape[:-2], cout)
+
+
+def grouped_conv(x, kernel, groups: int, impl: str = "auto"):
+  """Stride-1 'same' convolution of x [N, *S, C_in] with kernel [*K, C_in / groups, C_out]
+  (nn.Conv's layout). impl: xla (lax.conv with feature_group_count), taps, or auto:
+  - 1-D: transformer.conv1d_same_stride (the audio positional conv's: gradients as forward
+    convolutions; XLA:CPU's grouped-conv backward is the slow part);
+  - 2-D, groups > 1: taps on CPU (XLA:CPU's 2-D grouped conv + backward is 10-28x slower
+    than taps for the vision decoder, docs/performance.md), XLA's convolution elsewhere,
+    chosen when the program is lowered (a TPU compile from a CPU host gets XLA's);
+  - otherwise XLA's."""
+  if impl == "taps":
+    return _conv_taps(x, kernel, groups)
+  if impl == "auto" and kernel.ndim == 3:
+    k = kernel.shape[0]
+    return conv1d_same_stride(x, kernel, (k // 2, k // 2), groups)
+  if impl == "xla" or groups == 1:
+    return _conv_xla(x, kernel, groups)
+  return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(_conv_taps, groups=groups),
+                                    default=functools.partial(_conv_xla, groups=groups))
+
+
+class Conv(nn.Module):
+  """nn.Conv's parameters (kernel [*window, C_in / groups, features], bias), stride 1, 'same'
+  padding for odd kernels, computed with `grouped_conv`."""
+  features: int
+  window: tuple
+  groups: int
+  fan_in: int
+  dtype: Any = jnp.float32
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    cin = x.shape[-1]
+    axes = (None,) * len(self.window) + (None, "embed")
+    kernel = self.param("kernel", nn.with_logical_partitioning(_TORCH_KERNEL, axes),
+                        (*self.window, cin // self.groups, self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(_torch_bias(self.fan_in), ("embed",)),
+                      (self.features,), jnp.float32)
+    y = grouped_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.groups, self.impl)
+    return y + bias.astype(self.dtype)
 
 
 class ConvDecoder(nn.Module):
@@ -49,6 +119,7 @@ class ConvDecoder(nn.Module):
   input_dropout: float = 0.0
   grid: int = 0
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"    # grouped_conv's impl (tests compare them)
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -64,11 +135,8 @@ class ConvDecoder(nn.Module):
     for i in range(self.layers):
       cin = x.shape[-1]
       fan_in = cin // self.groups * k ** len(window)
-      y = nn.Conv(self.dim, window, padding=[(k // 2, k // 2)] * len(window),
-                  feature_group_count=self.groups, dtype=self.dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.with_logical_partitioning(_TORCH_KERNEL, (None,) * len(window) + (None, "embed")),
-                  bias_init=nn.with_logical_partitioning(_torch_bias(fan_in), ("embed",)),
-                  name=f"conv_{i}")(x)
+      y = Conv(self.dim, window, self.groups, fan_in, dtype=self.dtype, impl=self.conv_impl,
+               name=f"conv_{i}")(x)
       y = nn.LayerNorm(epsilon=1e-5, use_scale=False, use_bias=False, dtype=jnp.float32,
                        name=f"norm_{i}")(y.astype(jnp.float32))
       y = gelu(y).astype(self.dtype)
