@@ -2,7 +2,10 @@
 memory, not numbers: each trains exactly like the default, and the compiled temporaries are
 ordered as the policies keep less (moved here from tests/test_sharding.py and extended)."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,12 +37,32 @@ def test_policy_names():
 
 def test_every_remat_policy_trains_like_the_default():
   """Each policy (dropout on: the recomputation redraws the same masks) gives the default's
-  losses, parameters, teacher and optimizer state after 2 steps to 1e-5."""
-  base = run_steps(tiny_text_config(), STEPS, devices=jax.devices()[:1])
+  encoder outputs and parameter gradients to 1e-5 (the encoder is all that remat wraps; one
+  small compile per policy); the whole train step under `full` gives the default's losses,
+  parameters, teacher and optimizer state after 2 steps to 1e-5."""
+  cfg = tiny_text_config()
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, cfg.data.block_size, cfg.model.encoder.hidden))
+  weights = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+
+  def value_and_grad(remat):
+    spec = dataclasses.replace(transformer.EncoderSpec.from_config(cfg.model.encoder), remat=remat)
+    enc = transformer.Encoder(spec)
+    params = enc.init({"params": jax.random.PRNGKey(2)}, x, None, True)["params"]
+
+    def loss(p):
+      out, layers = enc.apply({"params": p}, x, None, False, rngs={"dropout": jax.random.PRNGKey(3)})
+      return jnp.sum(out * weights) + jnp.sum(layers * weights)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  base_v, base_g = value_and_grad("none")
   for remat in ("full", "minimal", "dots", "save_qkv_out", "offload"):
-    run = run_steps(tiny_text_config(**{"model.encoder.remat": remat}), STEPS,
-                    devices=jax.devices()[:1])
-    assert_same_training(base, run, 1e-5)
+    v, g = value_and_grad(remat)
+    np.testing.assert_allclose(v, base_v, rtol=1e-5, err_msg=remat)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(base_g)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=remat)
+  base = run_steps(cfg, STEPS, devices=jax.devices()[:1])
+  run = run_steps(tiny_text_config(**{"model.encoder.remat": "full"}), STEPS, devices=jax.devices()[:1])
+  assert_same_training(base, run, 1e-5)
 
 
 def test_scan_false_trains_like_scan():
