@@ -12,7 +12,11 @@ Every process of a multi-host job runs the same command (launch/); this picks, i
   MEGASCALE_COORDINATOR_ADDRESS   a multislice TPU job
 
 and otherwise runs as one process. `plan()` is pure (tested); `initialize()` applies it and is
-the one start-up path of every entry point (trainer, tools): it prints the plan once (process 0).
+the one start-up path of every entry point that touches the job's devices (the trainer; the
+probe, the export, the benchmarks and tools/probe_curve.py through `add_args` /
+`initialize_from_args`): it prints the plan once (process 0). `python -m d2v_jax.compile` is
+the exception by design: it compiles ahead of time for a topology it only describes, on one
+host, and never joins a job.
 
 With more than one process, `initialize()` also makes the job behave as one machine:
 
@@ -370,15 +374,40 @@ class StopVote:
     return bool(np.asarray(vote.addressable_data(0)))
 
 
+def add_args(parser) -> None:
+  """The trainer's start-up flags on an argparse entry point (probe, export, bench, tools), so
+  launch/local.sh, launch/slurm.sbatch and launch/tpu.sh start every command the same way."""
+  g = parser.add_argument_group("multi-process start-up (d2v_jax/distributed.py; launch/ "
+                                "passes these, or the environment says)")
+  g.add_argument("--coordinator_address", help="host:port of process 0")
+  g.add_argument("--num_processes", type=int)
+  g.add_argument("--process_id", type=int)
+  g.add_argument("--peer_timeout", type=float,
+                 help=f"seconds before a silent process ends the job (default {DEFAULT_PEER_TIMEOUT:g})")
+
+
+def initialize_from_args(a) -> Plan:
+  """`initialize()` from `add_args`'s flags; a bad plan is one error line and exit 2."""
+  try:
+    return initialize(a.coordinator_address, a.num_processes, a.process_id,
+                      timeout=a.peer_timeout)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def is_writer() -> bool:
+  """Process 0 writes a tool's files and prints its results (every process computes them)."""
+  import jax
+  return jax.process_index() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
   """python -m d2v_jax.distributed [--coordinator_address ... --num_processes N --process_id I]:
   prints the plan this environment gets (a dry run: nothing is initialised)."""
   import argparse
   ap = argparse.ArgumentParser(prog="python -m d2v_jax.distributed", description=main.__doc__)
-  ap.add_argument("--coordinator_address")
-  ap.add_argument("--num_processes", type=int)
-  ap.add_argument("--process_id", type=int)
-  ap.add_argument("--peer_timeout", type=float)
+  add_args(ap)
   a = ap.parse_args(argv)
   try:
     p = plan(a.coordinator_address, a.num_processes, a.process_id)

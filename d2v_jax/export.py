@@ -53,7 +53,8 @@ def restore_params(workdir: str, weights: str = "student", step: int | None = No
   step, meta = checkpoint.read_meta(workdir, step)
   cfg = config_lib.from_dict(meta["config"])
   cfg.mesh.update(dict(data=-1, fsdp=1, tensor=1))  # whatever it was trained on: one device here
-  built = build_lib.build(cfg, devices=jax.devices()[:1])
+  # A local device: with several processes (a pod host each) every one restores the whole tree.
+  built = build_lib.build(cfg, devices=jax.local_devices()[:1])
   mngr = checkpoint.manager(workdir, async_save=False)
   try:
     state, _ = checkpoint.restore(mngr, built.abstract_state, built.state_shardings, step)
@@ -70,10 +71,15 @@ def restore_params(workdir: str, weights: str = "student", step: int | None = No
 
 def export(workdir: str, out: str, weights: str = "student", step: int | None = None,
            overwrite: bool = False) -> str:
+  from d2v_jax import distributed
   from d2v_jax.hf.common import write_json
 
-  check_out_dir(out, workdir, overwrite)
-  params, cfg, step, built = restore_params(workdir, weights, step)
+  writer = distributed.is_writer()
+  if writer:
+    check_out_dir(out, workdir, overwrite)
+  params, cfg, step, built = restore_params(workdir, weights, step)  # every process: orbax
+  if not writer:
+    return out
   os.makedirs(out, exist_ok=True)
   built.modality.hf().export(params, cfg, out, workdir)
   write_json({"workdir": os.path.abspath(workdir), "step": step, "weights": weights,
@@ -89,14 +95,18 @@ def main(argv=None) -> None:
                  help="student (default, as the official HF conversions) or the EMA teacher")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+  from d2v_jax import distributed
+  distributed.add_args(p)
   a = p.parse_args(argv)
+  distributed.initialize_from_args(a)
   from d2v_jax.checkpoint import NoCheckpoint
   try:
     out = export(a.workdir, a.out, a.weights, a.step, a.overwrite)
   except (ExportError, NoCheckpoint) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)
-  print(f"exported {a.weights} weights of {a.workdir} to {os.path.abspath(out)}")
+  if distributed.is_writer():
+    print(f"exported {a.weights} weights of {a.workdir} to {os.path.abspath(out)}")
 
 
 if __name__ == "__main__":

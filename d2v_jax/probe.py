@@ -389,7 +389,7 @@ def probe(workdir: str, data: str, *, weights: str = "student", layer: int = -1,
   else:
     cfg = _run_config(workdir)
     cfg.mesh.update(dict(data=-1, fsdp=1, tensor=1))
-    built = build_lib.build(cfg, devices=jax.devices()[:1])
+    built = build_lib.build(cfg, devices=jax.local_devices()[:1])
   if "random-init" in rows_to_do:
     s = int(cfg.seed if init_seed is None else init_seed)
     params_of["random-init"] = jax.device_get(built.init(s).params)
@@ -451,7 +451,10 @@ def main(argv=None) -> None:
   p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN probe")
   p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the linear probe")
   p.add_argument("--out", default=None, help="JSON file (default WORKDIR/probe/<tag>.json)")
+  from d2v_jax import distributed
+  distributed.add_args(p)
   a = p.parse_args(argv)
+  distributed.initialize_from_args(a)
   from d2v_jax.checkpoint import NoCheckpoint
   from d2v_jax.export import ExportError
   try:
@@ -461,6 +464,8 @@ def main(argv=None) -> None:
   except (ConfigError, ExportError, NoCheckpoint, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)
+  if not distributed.is_writer():
+    return   # every process probed (same features, same fits); process 0 reports
   print(format_table(res))
   tag = "random" if a.random_init else a.weights + ("+random" if a.baseline else "")
   data_name = os.path.splitext(os.path.basename(os.path.normpath(a.data)))[0]

@@ -204,3 +204,28 @@ def _close_to_straight(straight, work):
         "resumed", [round(got[s]["loss"], 4) for s in steps],
         "param_norm rel. diff", [f"{abs(got[s]['param_norm'] / want[s]['param_norm'] - 1):.1e}"
                                  for s in steps])
+
+
+def test_export_on_two_processes_starts_like_the_trainer(straight, tmp_path):
+  """The tools share the trainer's start-up (distributed.py): `python -m d2v_jax.export`
+  under launch/local.sh on 2 processes joins the job, prints its plan and its result once
+  (process 0), every process restores (orbax needs all of them), process 0 writes, and the
+  files equal a single-process export of the same run byte for byte."""
+  from d2v_jax import export
+  out2 = str(tmp_path / "hf2")
+  e = env(XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
+          PYTHON=sys.executable)
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "--num-processes", "2",
+                      "--port", str(free_port()), "--", sys.executable, "-m", "d2v_jax.export",
+                      "--workdir", straight, "--out", out2, f"--peer_timeout={PEER_TIMEOUT}"],
+                     cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  plan = re.findall(r"^distributed: .*$", r.stdout, re.M)
+  assert len(plan) == 1 and "process 0/2 (explicit); 2 processes, 2 devices (1 local)" in plan[0]
+  assert r.stdout.count("exported student weights") == 1
+  out1 = export.export(straight, str(tmp_path / "hf1"))
+  names = sorted(os.listdir(out1))
+  assert sorted(os.listdir(out2)) == names and "model.safetensors" in names
+  for n in names:
+    with open(os.path.join(out1, n), "rb") as a, open(os.path.join(out2, n), "rb") as b:
+      assert a.read() == b.read(), n

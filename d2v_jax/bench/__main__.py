@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/console.py)
+from d2v_jax import distributed  # noqa: E402  (imports no jax)
 
 BENCHMARKS = {
     "step": "d2v_jax.bench.step",         # our jitted step vs a PyTorch reference, per modality
@@ -19,8 +20,8 @@ BENCHMARKS = {
     "compile": "d2v_jax.bench.compile",   # compile time of the step per modality and size
     "memory": "d2v_jax.bench.memory",     # peak host RSS of a tiny training run per modality
     "profile": "d2v_jax.bench.profile",   # where the step's time goes (XLA thunk traces)
-    "gpu": "d2v_jax.bench.gpu",
-    "v2": "d2v_jax.bench.v2",             # data2vec 1.0 vs 2.0: FLOPs / time per masked token           # base models on a GPU: time, memory, MFU per attention
+    "gpu": "d2v_jax.bench.gpu",           # base models on a GPU: time, memory, MFU per attention
+    "v2": "d2v_jax.bench.v2",             # data2vec 1.0 vs 2.0: FLOPs / time per masked token
 }
 
 
@@ -47,9 +48,11 @@ def main(argv: list[str]) -> int:
     module = importlib.import_module(module_name)
     p = sub.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
     module.add_args(p)
+    distributed.add_args(p)
     p.set_defaults(bench_main=module.main)
   args = parser.parse_args(argv)
   _environment(args.benchmark)
+  distributed.initialize_from_args(args)   # the trainer's start-up: a pod host measures alike
   return args.bench_main(args)
 
 
