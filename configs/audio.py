@@ -76,6 +76,9 @@ def get_config(arg: str | None = None):
   c.model.conv_bias = False
   c.model.conv_norm = "layer"        # layer: every conv layer (data2vec) | group: wav2vec2 base | none
   c.model.feature_dropout = 0.0      # fairseq dropout_input
+  # Gradient into the conv feature encoder x this (fairseq feature_grad_mult): 1.0 = data2vec
+  # (ALGORITHM.md); wav2vec 2.0 base used 0.1.
+  c.model.feature_grad_mult = 1.0
   c.model.pos_conv = "data2vec"      # data2vec: depth x (conv, LN, GELU) | wav2vec2: weight-normed k=128
   c.model.pos_conv_depth = 5
   c.model.pos_conv_kernel = 19       # fairseq conv_pos 95 // pos_conv_depth 5; wav2vec2: 128

@@ -280,3 +280,29 @@ def test_group_norm_extractor_matches_hf_wav2vec2():
   print("group-norm extractor max abs:", err, "output max abs:", float(np.abs(want).max()))
   assert np.abs(want).max() > 0.1
   assert got.shape == want.shape and err <= TOL
+
+
+def test_feature_grad_mult_scales_only_the_conv_gradient():
+  """model.feature_grad_mult (fairseq GradMultiply): the local features are the same, the
+  gradient into every conv layer is x 0.1 exactly, the projection's is unchanged."""
+  audio = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4000)), jnp.float32)
+  batch = {"audio": audio, "audio_len": jnp.array([4000, 3001])}
+  out = {}
+  for g in (1.0, 0.1):
+    cfg = _cfg()
+    cfg.model.feature_grad_mult = g
+    embed = audio_model.build(cfg)
+    params = embed.init(jax.random.PRNGKey(0), batch, method=embed.local)["params"]
+    params = nn_meta.unbox(params)
+    loss = lambda p: jnp.sum(jnp.sin(embed.apply({"params": p}, batch, method=embed.local)[0]))
+    out[g] = jax.value_and_grad(loss)(params)
+  (v1, g1), (v01, g01) = out[1.0], out[0.1]
+  np.testing.assert_allclose(v01, v1, rtol=1e-5)
+  for i in range(7):
+    a, b = g1[f"conv_layers_{i}"], g01[f"conv_layers_{i}"]
+    for leaf_a, leaf_b in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+      assert np.abs(leaf_a).max() > 0
+      # float32: the two paths round differently; 1e-5 of the largest entry bounds that
+      np.testing.assert_allclose(leaf_b, 0.1 * leaf_a, rtol=1e-4, atol=1e-5 * np.abs(leaf_a).max())
+  pk = g1["projection"]["kernel"]   # 0.1 x + 0.9 x rounds like x to ~1e-6 in float32
+  np.testing.assert_allclose(g01["projection"]["kernel"], pk, rtol=1e-5, atol=1e-5 * np.abs(pk).max())

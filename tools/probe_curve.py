@@ -15,8 +15,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("USE_TF", "0")
+from d2v_jax import console  # noqa: F401,E402  (first: quiet console, before the start-up imports jax)
 
 
 def main(argv=None) -> None:

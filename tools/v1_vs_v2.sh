@@ -21,16 +21,19 @@ pair() {  # modality probe_data v1_steps v2_steps v2_ckpt_every [train args for 
     --config.total_steps="$s1" --config.checkpoint_every="$s1" "$@"
   python -m d2v_jax.train --config "configs/$m.py:variant=tiny,runlocal,v2" --workdir "runs/vs_${m}_v2" \
     --config.total_steps="$s2" --config.checkpoint_every="$every" --config.keep_checkpoints=50 "$@"
-  local s3
-  s3=$(python tools/v1_vs_v2.py "runs/vs_${m}_v1" "runs/vs_${m}_v2" --third-steps)
-  # The flags after "$@" win: the W/3 run's own schedule, not a third of the long one.
-  python -m d2v_jax.train --config "configs/$m.py:variant=tiny,runlocal,v2" --workdir "runs/vs_${m}_v2short" \
-    "$@" --config.total_steps="$s3" --config.checkpoint_every="$s3" \
-    --config.optim.warmup_steps=$(( s3 / 10 > 0 ? s3 / 10 : 1 )) ${ANNEAL:+--config.teacher.anneal_steps=$s3}
-  for v in v1 v2 v2short; do
+  local s3 runs=(v1 v2) short=()
+  # No v2 checkpoint within W/3 (v2 slower per step than v1 at this size): no W/3 run.
+  if s3=$(python tools/v1_vs_v2.py "runs/vs_${m}_v1" "runs/vs_${m}_v2" --third-steps); then
+    # The flags after "$@" win: the W/3 run's own schedule, not a third of the long one.
+    python -m d2v_jax.train --config "configs/$m.py:variant=tiny,runlocal,v2" --workdir "runs/vs_${m}_v2short" \
+      "$@" --config.total_steps="$s3" --config.checkpoint_every="$s3" \
+      --config.optim.warmup_steps=$(( s3 / 10 > 0 ? s3 / 10 : 1 )) ${ANNEAL:+--config.teacher.anneal_steps=$s3}
+    runs+=(v2short) short=(--short "runs/vs_${m}_v2short")
+  fi
+  for v in "${runs[@]}"; do
     python tools/probe_curve.py --workdir "runs/vs_${m}_$v" --data "$data"
   done
-  python tools/v1_vs_v2.py "runs/vs_${m}_v1" "runs/vs_${m}_v2" "$data" --short "runs/vs_${m}_v2short"
+  python tools/v1_vs_v2.py "runs/vs_${m}_v1" "runs/vs_${m}_v2" "$data" "${short[@]}"
 }
 
 for m in "${todo[@]}"; do

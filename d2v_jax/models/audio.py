@@ -125,6 +125,7 @@ class AudioEmbed(nn.Module):
   hidden: int
   eps: float = 1e-5
   feature_dropout: float = 0.0   # fairseq dropout_input
+  feature_grad_mult: float = 1.0  # gradient scale into the conv stack (fairseq GradMultiply)
   pos_conv: str = "data2vec"     # data2vec | wav2vec2
   pos_conv_depth: int = 5
   pos_conv_kernel: int = 19
@@ -169,6 +170,9 @@ class AudioEmbed(nn.Module):
     x = audio.astype(self.dtype)[..., None]                              # [B, S, 1]
     for i in range(len(self.conv_dims)):
       x = getattr(self, f"conv_layers_{i}")(x)
+    g = self.feature_grad_mult
+    if g != 1.0:   # same value, gradient x g (0: a frozen conv stack)
+      x = g * x + (1.0 - g) * jax.lax.stop_gradient(x)
     t = x.shape[1]
     lengths = batch["audio_len"] if "audio_len" in batch else jnp.full(audio.shape[:1], audio.shape[1])
     valid = jnp.arange(t)[None, :] < self.frame_lengths(jnp.asarray(lengths, jnp.int32))[:, None]
@@ -218,6 +222,7 @@ def build(cfg) -> AudioEmbed:
       conv_dims=tuple(int(c) for c in m.conv_dims), conv_kernels=tuple(int(k) for k in m.conv_kernels),
       conv_strides=tuple(int(s) for s in m.conv_strides), conv_bias=bool(m.conv_bias),
       conv_norm=m.conv_norm, hidden=m.encoder.hidden, eps=m.encoder.layer_norm_eps,
-      feature_dropout=m.feature_dropout, pos_conv=m.pos_conv, pos_conv_depth=m.pos_conv_depth,
+      feature_dropout=m.feature_dropout,
+      feature_grad_mult=float(m.get("feature_grad_mult", 1.0)), pos_conv=m.pos_conv, pos_conv_depth=m.pos_conv_depth,
       pos_conv_kernel=m.pos_conv_kernel, pos_conv_groups=m.pos_conv_groups,
       dtype=jnp.dtype(cfg.dtype))
