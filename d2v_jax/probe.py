@@ -374,11 +374,13 @@ def _run_config(workdir: str):
 def probe(workdir: str, data: str, *, weights: str = "student", layer: int = -1,
           random_init: bool = False, baseline: bool = False, step: int | None = None,
           seed: int = 0, test_frac: float = 0.3, k: int = 20, c: float = 1.0,
-          init_seed: int | None = None, repeats: int = 1) -> dict:
-  """Probe rows for the run (and / or a random init of its architecture); see module doc."""
+          init_seed: int | None = None, repeats: int = 1) -> dict | None:
+  """Probe rows for the run (and / or a random init of its architecture); see module doc.
+  With several processes only process 0 probes; the others join the checkpoint restore
+  (orbax needs every process) and return None."""
   import jax
 
-  from d2v_jax import build as build_lib, export
+  from d2v_jax import build as build_lib, distributed, export
   from d2v_jax.health import effective_rank_from_gram
 
   rows_to_do = ([] if random_init else [weights]) + (["random-init"] if random_init or baseline else [])
@@ -386,7 +388,9 @@ def probe(workdir: str, data: str, *, weights: str = "student", layer: int = -1,
   if not random_init:
     params, cfg, ckpt_step, built = export.restore_params(workdir, weights, step)
     params_of[weights] = params
-  else:
+  if not distributed.is_writer():
+    return None
+  if random_init:
     cfg = _run_config(workdir)
     cfg.mesh.update(dict(data=-1, fsdp=1, tensor=1))
     built = build_lib.build(cfg, devices=jax.local_devices()[:1])
@@ -464,8 +468,8 @@ def main(argv=None) -> None:
   except (ConfigError, ExportError, NoCheckpoint, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)
-  if not distributed.is_writer():
-    return   # every process probed (same features, same fits); process 0 reports
+  if res is None:
+    return   # not process 0: it joined the restore; process 0 probes and reports
   print(format_table(res))
   tag = "random" if a.random_init else a.weights + ("+random" if a.baseline else "")
   data_name = os.path.splitext(os.path.basename(os.path.normpath(a.data)))[0]

@@ -197,6 +197,14 @@ SIGKILL_RC = -signal.SIGKILL
 
 # --- several trainer processes on this host (tests/test_multiprocess.py) ----------------------
 
+def cpu_xla_flags(devices: int) -> str:
+  """This process's XLA_FLAGS (conftest: LLVM optimisation off) for a subprocess with
+  `devices` fake CPU devices: its numbers compare like for like with this process's."""
+  rest = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([f"--xla_force_host_platform_device_count={devices}", *rest])
+
+
 def free_port() -> int:
   import socket
   with socket.socket() as s:
@@ -211,7 +219,7 @@ class Procs:
 
   def __init__(self, args: list[str], workdir: str, n: int, log_dir: str, tag: str,
                peer_timeout: float | None = None, env_for=None, devices: int = 1,
-               extra_env: dict | None = None, xla_flags: str = ""):
+               extra_env: dict | None = None):
     self.n, self.logs, self.procs = n, [], []
     port = free_port()
     for i in range(n):
@@ -221,7 +229,7 @@ class Procs:
                 f"--process_id={i}"]
       if peer_timeout is not None:
         cmd.append(f"--peer_timeout={peer_timeout}")
-      extra = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip(),
+      extra = {"XLA_FLAGS": cpu_xla_flags(devices),
                **(extra_env or {}), **((env_for or (lambda _: {}))(i))}
       path = os.path.join(log_dir, f"{tag}.{i}.log")
       self.logs.append(path)

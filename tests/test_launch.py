@@ -5,7 +5,6 @@ that must match one process on 4 devices."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from d2v_jax import distributed
+from reliability_utils import cpu_xla_flags, free_port
 from step_utils import run_steps, tiny_text_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,22 +155,15 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path):
   """launch/local.sh --num-processes 2: each process feeds half the batch (4 of 8 rows) to
   its 2 CPU devices; losses and parameter norms equal one process on 4 devices (1e-5)."""
   worker = tmp_path / "worker.py"
   worker.write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
-  # the same LLVM level as this process (conftest), so the 1e-5 comparison is like for like
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+  # this process's XLA flags (conftest), so the 1e-5 comparison is like for like
+  env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(2), JAX_PLATFORMS="cpu", PYTHON=sys.executable)
   out = subprocess.run(
-      ["bash", os.path.join(LAUNCH, "local.sh"), "--num-processes", "2", "--port", str(_free_port()),
+      ["bash", os.path.join(LAUNCH, "local.sh"), "--num-processes", "2", "--port", str(free_port()),
        "--", sys.executable, str(worker), f"--out={tmp_path / 'r'}"],
       env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]

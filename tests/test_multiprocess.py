@@ -5,8 +5,9 @@ process killed with SIGKILL is named by the survivor, which exits within the pee
 and a 2-process run resumes on 1 process (this one) and on 4 processes.
 
 The reference is one straight 2-process run through launch/local.sh (module fixture). All
-launches share a JAX compilation cache (same programs, compiled once) and compile with LLVM
-optimisation off (-12 s of CPU per cold process; every compared run uses the same flags)."""
+launches share a JAX compilation cache (same programs, compiled once) and compile with this
+process's XLA flags (conftest: LLVM optimisation off, -12 s of CPU per cold process; every
+compared run uses the same flags)."""
 
 import os
 import re
@@ -21,13 +22,12 @@ import pytest
 
 import jax
 from d2v_jax import metrics, train
-from reliability_utils import (ROOT, Procs, assert_states_equal, env, free_port, load_state,
-                               parse, step_losses, text_args, text_setup)
+from reliability_utils import (ROOT, Procs, assert_states_equal, cpu_xla_flags, env, free_port,
+                               load_state, parse, step_losses, text_args, text_setup)
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]   # peer-timeout bounds in seconds
 
 PEER_TIMEOUT = 10        # seconds (--peer_timeout): a silent process ends the job after this
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 STEPS = 8
 # Resumed on another process count, each process draws the masks of its own rows (seeded by
 # step and process index), so the losses follow the straight run's trajectory, not its bits
@@ -54,7 +54,7 @@ def _args(setup, **kw):
 
 def _job(setup, work, n, tmp_path, tag, cache, env_for=None) -> Procs:
   return Procs(_args(setup), work, n, str(tmp_path), tag, PEER_TIMEOUT, env_for=env_for,
-               extra_env=cache, xla_flags=FAST_COMPILE)
+               extra_env=cache)
 
 
 def _steps(workdir):
@@ -70,7 +70,7 @@ def straight(shared, tmp_path_factory):
   """8 steps on 2 processes in one go, through launch/local.sh."""
   setup, cache = shared
   work = str(tmp_path_factory.mktemp("mp_straight") / "run")
-  e = env(XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
+  e = env(XLA_FLAGS=cpu_xla_flags(1),
           PYTHON=sys.executable, **cache)
   t0 = time.time()
   out = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "--num-processes", "2",
@@ -213,7 +213,7 @@ def test_export_on_two_processes_starts_like_the_trainer(straight, tmp_path):
   files equal a single-process export of the same run byte for byte."""
   from d2v_jax import export
   out2 = str(tmp_path / "hf2")
-  e = env(XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
+  e = env(XLA_FLAGS=cpu_xla_flags(1),
           PYTHON=sys.executable)
   r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "--num-processes", "2",
                       "--port", str(free_port()), "--", sys.executable, "-m", "d2v_jax.export",

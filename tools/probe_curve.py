@@ -39,19 +39,22 @@ def main(argv=None) -> None:
   cfg = probe._run_config(a.workdir)
   cfg.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   built = build_lib.build(cfg, devices=jax.local_devices()[:1])
-  ds = probe.load_labelled(cfg, a.workdir, a.data)
-  splits = [probe.split(ds.labels, 0.3, s) for s in range(a.repeats)]
-  enc = probe.FeatureEncoder(built, a.layer)
+  # With several processes every one restores each checkpoint (orbax); only process 0 probes.
+  writer = distributed.is_writer()
+  if writer:
+    ds = probe.load_labelled(cfg, a.workdir, a.data)
+    splits = [probe.split(ds.labels, 0.3, s) for s in range(a.repeats)]
+    enc = probe.FeatureEncoder(built, a.layer)
 
   def row(step, name, params):
+    if not writer:
+      return None
     f = enc(params, ds.arrays)
     r = probe.fit_probes_repeated(f.pooled, ds.labels, splits)
     out = {"step": step, "weights": name, "linear_acc": r["linear_acc"],
            "linear_acc_std": r["linear_acc_std"], "knn_acc": r["knn_acc"],
            "knn_acc_std": r["knn_acc_std"], "chance": r["chance"],
            "effective_rank": effective_rank_from_gram(f.gram)}
-    if not distributed.is_writer():
-      return out
     print(f"{step:>6} {name:<8} linear {out['linear_acc']:.4f} +- {out['linear_acc_std']:.4f}  "
           f"k-NN {out['knn_acc']:.4f} +- {out['knn_acc_std']:.4f}  chance {out['chance']:.4f}  "
           f"rank {out['effective_rank']:.2f}", flush=True)
@@ -66,7 +69,7 @@ def main(argv=None) -> None:
       rows.append(row(step, "teacher", ema.teacher_params(state.params, state.teacher)))
   finally:
     mngr.close()
-  if not distributed.is_writer():
+  if not writer:
     return
   data_name = os.path.splitext(os.path.basename(os.path.normpath(a.data)))[0]
   out = a.out or os.path.join(a.workdir, "probe", f"curve_{data_name}.json")
