@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2v_jax import config as config_lib, ema, optim, sharding, step as step_lib
+from d2v_jax import ema, optim, sharding, step as step_lib, validate
 from d2v_jax.modality import load as load_modality
 from d2v_jax.models import data2vec
 from d2v_jax.state import TrainState
@@ -35,16 +35,16 @@ class Built:
 
 
 def build(cfg, *, mesh=None, devices=None) -> Built:
-  """cfg must be resolved (modality prepare() already ran, e.g. vocab_size set)."""
-  config_lib.validate(cfg)
+  """cfg must be resolved (modality prepare() already ran, e.g. vocab_size set); it is
+  validated here (d2v_jax/validate.py)."""
+  validate.validate(cfg)
   mod = load_modality(cfg.modality)
-  mod.data.validate(cfg)
   model = data2vec.build(cfg, mod.model.build(cfg))
   tx, lr_fn = optim.make(cfg.optim, cfg.total_steps)
   mesh = mesh or sharding.make_mesh(cfg.mesh, devices)
   init_batch = jax.tree_util.tree_map(jnp.asarray, mod.data.example_batch(cfg, 1))
 
-  v2 = cfg.get("objective", "v1") == "v2"
+  v2 = cfg.objective == "v2"
   fixup = getattr(mod.model, "init_fixup", None)
 
   def init_boxed(rng):

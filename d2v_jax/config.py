@@ -5,7 +5,8 @@ tracebacks (unknown key, wrong type) into a message that names the key, checks v
 are in range for the chosen model, and writes the resolved config next to the run.
 parse_argv also records which keys the command line set (explicit_keys): values resolved
 later from a tokenizer (text model.pad_id / vocab_size) or an init.hf directory (the
-architecture, d2v_jax/init.py) never overwrite them; a contradiction is a one-line error.
+architecture, d2v_jax/init_weights.py) never overwrite them; a contradiction is a one-line
+error. Range checks: d2v_jax/validate.py; defaults of keys older runs lack: LATE_DEFAULTS.
 """
 
 from __future__ import annotations
@@ -105,40 +106,6 @@ def is_resolved(cfg) -> bool:
   return bool(getattr(cfg, "_d2v_resolved", False))
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Range checks that hold for every modality; modalities add their own. First resolves what
-  an init.hf directory fixes (the architecture, d2v_jax/init.py resolve_config), so the checks
-  and everything built after them see the weights' shapes."""
-  if cfg.get("init", None) is not None and cfg.init.get("hf", ""):
-    from d2v_jax import init as init_lib
-    init_lib.resolve_config(cfg)
-  enc = cfg.model.encoder
-  checks = [
-      (1 <= cfg.target.top_k <= enc.num_layers,
-       f"target.top_k={cfg.target.top_k} must be in [1, model.encoder.num_layers={enc.num_layers}]"),
-      (enc.hidden % enc.heads == 0,
-       f"model.encoder.hidden={enc.hidden} is not divisible by heads={enc.heads}"),
-      (cfg.total_steps > 0, f"total_steps={cfg.total_steps} must be > 0"),
-      (cfg.checkpoint_every > 0, f"checkpoint_every={cfg.checkpoint_every} must be > 0"),
-      (cfg.batch_size > 0, f"batch_size={cfg.batch_size} must be > 0"),
-      (0.0 <= cfg.teacher.tau_start <= 1.0 and 0.0 <= cfg.teacher.tau_end <= 1.0,
-       "teacher.tau_start and tau_end must be in [0, 1]"),
-      (cfg.target.layer_output in ("ffn", "end"), "target.layer_output must be ffn or end"),
-      (cfg.target.layer_norm in ("layer", "instance", "none"),
-       "target.layer_norm must be layer, instance or none"),
-      (cfg.target.final_norm in ("layer", "instance", "none"),
-       "target.final_norm must be layer, instance or none"),
-      (cfg.loss.reduce_dims in ("sum", "mean"), "loss.reduce_dims must be sum or mean"),
-      (cfg.dtype in ("float32", "bfloat16"), f"dtype={cfg.dtype!r} must be float32 or bfloat16"),
-  ]
-  for p in ("mask_prob", "random_token_prob", "leave_unmasked_prob"):
-    if p in cfg.data:
-      checks.append((0.0 <= cfg.data[p] <= 1.0, f"data.{p}={cfg.data[p]} must be in [0, 1]"))
-  for ok, msg in checks:
-    if not ok:
-      raise ConfigError(msg)
-
-
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:
   return json.loads(cfg.to_json_best_effort())
 
@@ -153,9 +120,65 @@ def write_resolved(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   return path
 
 
+# Keys added after runs were written, with the value that reproduces how such a run trained:
+# a config read back from an older run (config.json, checkpoint meta) gets them here, so code
+# reads every key directly. A modality's own keys: LATE_DEFAULTS of its data module. New runs
+# take their values from the config files (configs/common.py and the modality's file).
+LATE_DEFAULTS = {
+    "objective": "v1",
+    "teacher.share_local": False,
+    "optim.no_decay": (),
+    "optim.decay": (),
+    "guards.collapse_policy": "stop",
+    "guards.nonfinite_policy": "stop",
+    "guards.max_nonfinite": 10,
+    "guards.max_rollbacks": 3,
+    "guards.min_target_rank": 0.0,
+    "guards.min_pred_rank": 0.0,
+    "guards.rank_window": 1,
+    "guards.rank_after": 0,
+    "guards.rank_policy": "warn",
+    "eval.rank_every": 0,
+    "eval.probe_every": 0,
+    "eval.probe_data": "",
+    "eval.probe_weights": "student",
+    "eval.layer": -1,
+    "eval.rank_examples": 64,
+    "eval.probe_chunk": 64,
+    "eval.probe_seed": 0,
+    "eval.probe_test_frac": 0.3,
+    "eval.step_rank_every": 10,
+    "init.hf": "",
+    "init.checkpoint": "",
+}
+
+
+def fill_defaults(cfg: ml_collections.ConfigDict, *tables: dict) -> None:
+  """Adds the keys of LATE_DEFAULTS (and of `tables`) that `cfg` lacks; present keys stay."""
+  with cfg.unlocked():   # config_flags locks the config; these keys may be new
+    for table in (LATE_DEFAULTS, *tables):
+      for key, value in table.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for k in parents:
+          if k not in node:
+            node[k] = ml_collections.ConfigDict()
+          node = node[k]
+        if leaf not in node:
+          node[leaf] = value
+
+
 def from_dict(d: dict) -> ml_collections.ConfigDict:
   """Inverse of to_dict (for export / inspection of a finished run); marked resolved."""
   return mark_resolved(ml_collections.ConfigDict(d))
+
+
+def get_path(cfg: ml_collections.ConfigDict, key: str):
+  """cfg["a"]["b"]["c"] for key "a.b.c"."""
+  node = cfg
+  for k in key.split("."):
+    node = node[k]
+  return node
 
 
 def set_path(cfg: ml_collections.ConfigDict, key: str, value) -> None:

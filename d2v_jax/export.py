@@ -21,6 +21,11 @@ import sys
 
 from d2v_jax import console  # noqa: F401,E402  (first: quiet console)
 
+import jax  # noqa: E402
+
+from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed, ema  # noqa: E402
+from d2v_jax.hf.common import write_json  # noqa: E402
+
 MARKER = "d2v_export.json"
 
 
@@ -46,10 +51,6 @@ def check_out_dir(out: str, workdir: str, overwrite: bool) -> None:
 
 def restore_params(workdir: str, weights: str = "student", step: int | None = None):
   """(params tree on host, resolved cfg, step) of a run, restored on a single device."""
-  import jax
-
-  from d2v_jax import build as build_lib, checkpoint, config as config_lib, ema
-
   step, meta = checkpoint.read_meta(workdir, step)
   cfg = config_lib.from_dict(meta["config"])
   cfg.mesh.update(dict(data=-1, fsdp=1, tensor=1))  # whatever it was trained on: one device here
@@ -71,9 +72,6 @@ def restore_params(workdir: str, weights: str = "student", step: int | None = No
 
 def export(workdir: str, out: str, weights: str = "student", step: int | None = None,
            overwrite: bool = False) -> str:
-  from d2v_jax import distributed
-  from d2v_jax.hf.common import write_json
-
   writer = distributed.is_writer()
   if writer:
     check_out_dir(out, workdir, overwrite)
@@ -95,14 +93,12 @@ def main(argv=None) -> None:
                  help="student (default, as the official HF conversions) or the EMA teacher")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
-  from d2v_jax import distributed
   distributed.add_args(p)
   a = p.parse_args(argv)
   distributed.initialize_from_args(a)
-  from d2v_jax.checkpoint import NoCheckpoint
   try:
     out = export(a.workdir, a.out, a.weights, a.step, a.overwrite)
-  except (ExportError, NoCheckpoint) as e:
+  except (ExportError, checkpoint.NoCheckpoint) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)
   if distributed.is_writer():

@@ -18,23 +18,18 @@ Per step (inside the jitted train step, d2v_jax/step.py), on the positions the l
   feature_var        (when step.py passes `features`) mean over channels of the per-channel
                      variance of the local encoder's output (audio conv features) over valid
                      frames.
-Every `eval.rank_every` / `eval.probe_every` steps (Hook): the effective rank (RankMe) of the
-student's and the teacher's token features on a fixed batch, and a linear / k-NN probe on the
-labelled set `eval.probe_data` (d2v_jax/probe.py), written to the run's metrics files.
+The evaluation every eval.rank_every / eval.probe_every steps (rank and probes of token
+features) is the trainer's: d2v_jax/eval_hook.py.
 """
 
 from __future__ import annotations
-
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from d2v_jax import targets as T
-from d2v_jax.config import ConfigError
-
-RANK_EPS = 1e-7  # RankMe's epsilon on the normalised singular values
+from d2v_jax.probe.rank import RANK_EPS
 CORR_FLOOR = 1e-8  # in-step rank: channel variances below this x their mean count as dead
 
 
@@ -122,15 +117,6 @@ def masked_channel_var(x: jax.Array, w: jax.Array | None) -> jax.Array:
   return ((jnp.square(x - mean) * w).sum(0) / n).mean()
 
 
-def step_rank_every(cfg) -> int:
-  """eval.step_rank_every (10 when the config predates the key): 0 off, 1 every step, N every
-  N-th step (needs `step` in step_metrics; without it, every step)."""
-  every = int(eval_settings(cfg)["step_rank_every"])
-  if every < 0:
-    raise ConfigError(f"eval.step_rank_every={every} must be >= 0 (0 = off)")
-  return every
-
-
 def rank_metrics(pred, target, mask, *, every: int = 1, step=None) -> dict:
   """rank_target / rank_pred: RankMe of the per-channel standardised targets / predictions
   at the masked positions. With every > 1 they are computed when step % every == 0 (a
@@ -160,7 +146,7 @@ def step_metrics(*, pred, target, mask, top, valid, teacher, student_view, cfg,
   out = {name: stds[i] for i, name in enumerate(names)}
   out["pred_target_cos"] = masked_cosine(pred, target, mask)
   out["teacher_dist"] = relative_distance(teacher, student_view)
-  every = step_rank_every(cfg)
+  every = int(cfg.eval.step_rank_every)
   if every:
     out.update(rank_metrics(pred, target, mask, every=every, step=step))
   if features is not None:
@@ -169,140 +155,3 @@ def step_metrics(*, pred, target, mask, top, valid, teacher, student_view, cfg,
       fv = valid
     out["feature_var"] = masked_channel_var(features, fv)
   return out
-
-
-# ------------------------------------------------------------------------ effective rank
-
-
-def effective_rank_from_singular_values(s) -> float:
-  """RankMe (Garrido et al. 2023): exp(entropy of p), p_k = s_k / sum(s) + eps."""
-  s = np.abs(np.asarray(s, np.float64))
-  p = s / max(s.sum(), 1e-300) + RANK_EPS
-  return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def effective_rank(x) -> float:
-  """RankMe of a feature matrix x [N, D] (rows = samples; not centred, as in RankMe)."""
-  return effective_rank_from_singular_values(np.linalg.svd(np.asarray(x, np.float64), compute_uv=False))
-
-
-def effective_rank_from_gram(gram) -> float:
-  """RankMe from G = X^T X [D, D]: the singular values of X are sqrt(eig(G))."""
-  g = np.asarray(gram, np.float64)
-  lam = np.linalg.eigvalsh((g + g.T) / 2)
-  return effective_rank_from_singular_values(np.sqrt(np.clip(lam, 0.0, None)))
-
-
-# ------------------------------------------------------------------------ in-training hook
-
-
-def eval_settings(cfg) -> dict:
-  """cfg.eval with defaults (runs written before the eval keys existed have none)."""
-  e = dict(rank_every=0, probe_every=0, probe_data="", probe_weights="student", layer=-1,
-           rank_examples=64, probe_chunk=64, probe_seed=0, probe_test_frac=0.3,
-           step_rank_every=10)
-  if "eval" in cfg:
-    e.update({k: v for k, v in cfg.eval.items()})
-  return e
-
-
-class Hook:
-  """Called by the trainer after every step: `hook(step, state, writer)`.
-
-  Every eval.rank_every steps: rank_student / rank_teacher = RankMe of the token features
-  (layer eval.layer, valid non-extra tokens) of a fixed batch of eval.rank_examples examples
-  (the labelled probe set when there is one, else the start of the training stream).
-  Every eval.probe_every steps: probe_linear_acc / probe_knn_acc (+ probe_chance) of a linear
-  and a k-NN probe on the mean-pooled features of eval.probe_data (eval.probe_weights).
-  Every process must call it (the forward passes are collective); process 0 writes.
-  """
-
-  def __init__(self, cfg, built, workdir: str):
-    self.cfg, self.built, self.workdir = cfg, built, workdir
-    self.e = eval_settings(cfg)
-    if self.e["probe_every"] and not self.e["probe_data"]:
-      raise ConfigError("eval.probe_every > 0 needs eval.probe_data: a folder per class "
-                        "(images, audio) or a text<TAB>label TSV (text)")
-    if self.e["probe_weights"] not in ("student", "teacher"):
-      raise ConfigError(f"eval.probe_weights={self.e['probe_weights']!r}: use student or teacher")
-    if self.active:  # a bad layer fails at start-up, not at the first evaluation
-      from d2v_jax import probe
-      try:
-        probe.layer_index(int(self.e["layer"]), int(cfg.model.encoder.num_layers))
-      except ConfigError as e:
-        raise ConfigError(f"eval.{e}") from None
-    self._encoder = None
-    self._probe_set = None
-    self._rank_batch = None
-    if self.active and self.e["probe_data"]:
-      self._labelled()  # a bad probe set fails at start-up too
-
-  @property
-  def active(self) -> bool:
-    return bool(self.e["rank_every"] or self.e["probe_every"])
-
-  def due(self, step: int) -> tuple[bool, bool]:
-    r, p = self.e["rank_every"], self.e["probe_every"]
-    return bool(r and step % r == 0), bool(p and step % p == 0)
-
-  def _enc(self):
-    if self._encoder is None:
-      from d2v_jax import probe
-      self._encoder = probe.FeatureEncoder(self.built, self.e["layer"], chunk=self.e["probe_chunk"])
-    return self._encoder
-
-  def _labelled(self):
-    if self._probe_set is None:
-      from d2v_jax import probe
-      self._probe_set = probe.load_labelled(self.cfg, self.workdir, self.e["probe_data"])
-    return self._probe_set
-
-  def _fixed_batch(self) -> dict:
-    if self._rank_batch is None:
-      n = int(self.e["rank_examples"])
-      if self.e["probe_data"]:  # a seeded subset, so every class is in it
-        arrays = self._labelled().arrays
-        some = next(iter(arrays.values()))
-        idx = np.sort(np.random.default_rng(0).permutation(len(some))[:n])
-        arrays = {k: np.asarray(v)[idx] for k, v in arrays.items()}
-      else:  # the first examples of the training stream: a pure function of the config
-        it = iter(self.built.modality.data.build_dataset(self.cfg, self.workdir, start_step=0,
-                                                         process_index=0, process_count=1))
-        rows, got = [], 0
-        while got < n:
-          b = next(it)
-          rows.append(b)
-          got += len(b["mask"])
-        arrays = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-      self._rank_batch = {k: np.asarray(v)[:n] for k, v in arrays.items()}
-    return self._rank_batch
-
-  def __call__(self, step: int, state, writer) -> dict:
-    do_rank, do_probe = self.due(step)
-    if not (do_rank or do_probe):
-      return {}
-    from d2v_jax import ema, probe
-    # The step that made `state` may still run; one program at a time (ENV.md: CPU collectives).
-    jax.block_until_ready(state)
-    out: dict = {}
-    student = state.params
-    teacher = ema.teacher_params(state.params, state.teacher)
-    if do_rank:
-      batch = self._fixed_batch()
-      for name, params in (("student", student), ("teacher", teacher)):
-        feats = self._enc()(params, batch)
-        out[f"rank_{name}"] = effective_rank_from_gram(feats.gram)
-    if do_probe:
-      ds = self._labelled()
-      params = student if self.e["probe_weights"] == "student" else teacher
-      feats = self._enc()(params, ds.arrays)
-      if jax.process_index() == 0:
-        res = probe.fit_probes(feats.pooled, ds.labels, seed=self.e["probe_seed"],
-                               test_frac=self.e["probe_test_frac"])
-        out.update(probe_linear_acc=res["linear_acc"], probe_knn_acc=res["knn_acc"],
-                   probe_chance=res["chance"])
-    if out and jax.process_index() == 0:
-      writer.write(step, out)
-      print(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in out.items()),
-            file=sys.stdout, flush=True)
-    return out

@@ -162,7 +162,7 @@ class Verdict:
 
 
 class Guards:
-  """Host-side run guards on the metrics of each step (ALGORITHM.md §1.3 collapse checks).
+  """Host-side run guards on the metrics of each step (docs/algorithm.md §1.3 collapse checks).
 
   Non-finite: the step already skipped the update on device (metrics["nonfinite"] = 1); here
   consecutive skips are counted, and more than guards.max_nonfinite in a row triggers
@@ -177,18 +177,7 @@ class Guards:
   """
 
   def __init__(self, g):
-    self.g = g
-    for key, allowed in (("nonfinite_policy", NONFINITE_POLICIES),
-                         ("collapse_policy", COLLAPSE_POLICIES),
-                         ("rank_policy", COLLAPSE_POLICIES)):
-      if g.get(key, allowed[0]) not in allowed:
-        raise _config_error(f"guards.{key}={g.get(key)!r} must be one of {allowed}")
-    for key in ("max_nonfinite", "max_rollbacks", "collapse_after", "min_target_rank",
-                "min_pred_rank", "rank_after"):
-      if g.get(key, 0) < 0:
-        raise _config_error(f"guards.{key}={g.get(key)} must be >= 0")
-    if g.get("rank_window", 1) < 1:
-      raise _config_error(f"guards.rank_window={g.get('rank_window')} must be >= 1")
+    self.g = g   # checked by d2v_jax/validate.py
     self.nonfinite_total = 0
     self.reset()
 
@@ -198,15 +187,15 @@ class Guards:
     self.nonfinite_since: int | None = None
     self.collapse_since: int | None = None
     self.rank_since: int | None = None
-    self.rank_recent = {k: collections.deque(maxlen=int(self.g.get("rank_window", 1)))
+    self.rank_recent = {k: collections.deque(maxlen=int(self.g.rank_window))
                         for k, _ in RANK_FLOORS}
 
   @property
   def healthy(self) -> bool:
     """False during an incident: periodic checkpoints are then held back, so the kept ones
     still include a state from before it (the rollback target)."""
-    collapsing = self.collapse_since is not None and self.g.get("collapse_policy", "stop") != "warn"
-    low_rank = self.rank_since is not None and self.g.get("rank_policy", "warn") != "warn"
+    collapsing = self.collapse_since is not None and self.g.collapse_policy != "warn"
+    low_rank = self.rank_since is not None and self.g.rank_policy != "warn"
     return self.nonfinite_run == 0 and not collapsing and not low_rank
 
   def check(self, step: int, m: dict) -> Verdict | None:
@@ -217,9 +206,9 @@ class Guards:
       self.nonfinite_run += 1
       if self.nonfinite_since is None:
         self.nonfinite_since = step
-      limit = g.get("max_nonfinite", 10)
+      limit = g.max_nonfinite
       if self.nonfinite_run > limit:
-        return Verdict(g.get("nonfinite_policy", "stop"),
+        return Verdict(g.nonfinite_policy,
                        f"{self.nonfinite_run} consecutive steps with non-finite loss/gradients "
                        f"(steps {self.nonfinite_since}..{step}, {self.nonfinite_total} in this "
                        f"run) > guards.max_nonfinite={limit}; lower the lr or check the data",
@@ -235,8 +224,8 @@ class Guards:
     fresh = [k for k, _ in RANK_FLOORS if math.isfinite(m.get(k, math.nan))]
     for k in fresh:
       self.rank_recent[k].append(m[k])
-    floors = [(k, key, g.get(key, 0.0)) for k, key in RANK_FLOORS if g.get(key, 0.0) > 0]
-    if not floors or step < g.get("rank_after", 0):
+    floors = [(k, key, g[key]) for k, key in RANK_FLOORS if g[key] > 0]
+    if not floors or step < g.rank_after:
       self.rank_since = None
       return None
     if not any(k in fresh for k, _, _ in floors):  # no rank this step: the incident stays as it was
@@ -254,7 +243,7 @@ class Guards:
       self.rank_since = step
     msg = (f"dimensional collapse at step {step} (since step {self.rank_since}): "
            + ", ".join(low))
-    policy = g.get("rank_policy", "warn")
+    policy = g.rank_policy
     if policy == "warn":
       if first:
         print(f"warning: {msg}; training continues (guards.rank_policy=warn)",
@@ -278,15 +267,10 @@ class Guards:
       self.collapse_since = step
     msg = (f"representation collapse at step {step} (since step {self.collapse_since}): "
            + ", ".join(low))
-    policy = g.get("collapse_policy", "stop")
+    policy = g.collapse_policy
     if policy == "warn":
       if first:
         print(f"warning: {msg}; training continues (guards.collapse_policy=warn)",
               file=sys.stderr, flush=True)
       return None
     return Verdict(policy, msg, self.collapse_since)
-
-
-def _config_error(msg: str) -> Exception:
-  from d2v_jax.config import ConfigError
-  return ConfigError(msg)

@@ -16,15 +16,20 @@ from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/c
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
+
+from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed  # noqa: E402
+from d2v_jax import eval_hook, init_weights, metrics as metrics_lib, sharding, validate  # noqa: E402
+from d2v_jax.models import transformer  # noqa: E402
+from d2v_jax.modality import load as load_modality  # noqa: E402
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, resolved config)",
                     flag_values=FLAGS)
 # --coordinator_address / --num_processes / --process_id / --peer_timeout: d2v_jax/distributed.py
 # (the one start-up path: TPU VM pods, SLURM, explicit flags, one process).
-from d2v_jax import distributed  # noqa: E402
-
 distributed.define_flags(FLAGS)
 
 
@@ -97,18 +102,11 @@ def run(cfg, workdir: str, *, devices=None, preempted: _Preempted | None = None)
 
 
 def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
-  import jax
-
-  from d2v_jax import build as build_lib, checkpoint, config as config_lib, metrics as metrics_lib
-  from d2v_jax import sharding
-  from d2v_jax.modality import load as load_modality
-
   pid, nproc = jax.process_index(), jax.process_count()
   preflight(workdir)
   mod = load_modality(cfg.modality)
   # Every range check before anything is prepared or written into the run directory.
-  config_lib.validate(cfg)
-  mod.data.validate(cfg)
+  validate.validate(cfg)
   guards = metrics_lib.Guards(cfg.guards)
   # The mesh and batch checks come before data preparation (tokenizer training, caching,
   # audio indexing can take minutes; a mesh that does not fit should fail at once).
@@ -138,9 +136,8 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
       if pid == 0:
         print(f"resumed from {workdir} at step {step} (data position {data_pos}) "
               f"in {time.time() - t_restore:.1f} s", flush=True)
-    else:  # a new run: fresh weights, or init.hf / init.checkpoint (d2v_jax/init.py)
-      from d2v_jax import init as init_lib
-      state, step, data_pos = init_lib.initial_params(cfg, built, built.init(cfg.seed)), 0, 0
+    else:  # a new run: fresh weights, or init.hf / init.checkpoint (d2v_jax/init_weights.py)
+      state, step, data_pos = init_weights.initial_params(cfg, built, built.init(cfg.seed)), 0, 0
     if pid == 0:
       sizes, repl = sharding.report(built.state_shardings, built.abstract_state)
       print(sharding.report_line(built.mesh, sizes, repl), flush=True)
@@ -161,7 +158,6 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
 def _attention_line(cfg, mod) -> str:
   """Which attention implementation `model.encoder.attention` resolved to (teacher and
   student) on this platform, for the modality's bias kind."""
-  from d2v_jax.models import transformer
   spec = transformer.EncoderSpec.from_config(cfg.model.encoder, cfg.dtype)
   return transformer.describe_attention(spec, bias=getattr(mod.model, "ATTENTION_BIAS", None))
 
@@ -169,12 +165,6 @@ def _attention_line(cfg, mod) -> str:
 def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos) -> dict:
   """The training loop. `step` counts updates (state.step); `data_pos` counts batches read
   (they differ after a rollback, which skips the bad batches)."""
-  import jax
-  import numpy as np
-
-  from d2v_jax import build as build_lib, config as config_lib, distributed, health
-  from d2v_jax import metrics as metrics_lib
-
   pid, nproc = jax.process_index(), jax.process_count()
   # Several processes: a SIGTERM that reached any of them is agreed through one tiny all-reduce
   # per step, read with that step's metrics (one step late), so all stop after the same step.
@@ -183,7 +173,7 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
   data = iter(mod.data.build_dataset(cfg, workdir, start_step=data_pos, process_index=pid,
                                      process_count=nproc))
   writer = metrics_lib.Writer(workdir, enabled=pid == 0)
-  hook = health.Hook(cfg, built, workdir)  # rank / probe every eval.*_every steps; off by default
+  hook = eval_hook.Hook(cfg, built, workdir)  # rank / probe every eval.*_every steps; off by default
   clock = metrics_lib.Throughput(step, cfg.total_steps)
   window = metrics_lib.Window()
   g = cfg.guards
@@ -240,9 +230,9 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
         if verdict.action == "rollback":
           before = [s for s in saver.steps() if s < verdict.first_bad]
           target = max(before) if before else None
-          if rollbacks >= g.get("max_rollbacks", 3):
+          if rollbacks >= g.max_rollbacks:
             stop_msg = (f"{verdict.msg}; not rolling back again "
-                        f"(guards.max_rollbacks={g.get('max_rollbacks', 3)})")
+                        f"(guards.max_rollbacks={g.max_rollbacks})")
           elif target is None:
             stop_msg = (f"{verdict.msg}; no checkpoint before step {verdict.first_bad} to roll "
                         "back to")
@@ -259,7 +249,7 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
         window, clock = metrics_lib.Window(), metrics_lib.Throughput(step, cfg.total_steps)
         if pid == 0:
           print(f"warning: {verdict.msg}; rolled back to checkpoint step {target} (rollback "
-                f"{rollbacks}/{g.get('max_rollbacks', 3)}, deleted later checkpoints {gone}); "
+                f"{rollbacks}/{g.max_rollbacks}, deleted later checkpoints {gone}); "
                 f"data continues at position {data_pos}, batches {skipped[0]}..{skipped[1]} "
                 "are not used again", file=sys.stderr, flush=True)
         continue
@@ -290,8 +280,6 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
 
 
 def main(argv=None) -> None:
-  from d2v_jax import config as config_lib
-
   argv = list(sys.argv if argv is None else argv)
   try:
     fv = config_lib.parse_argv(argv, FLAGS)
@@ -306,13 +294,12 @@ def main(argv=None) -> None:
   except ValueError as e:
     config_lib.die(str(e))
   t0 = time.time()
-  from d2v_jax.checkpoint import CheckpointError, first_line
   try:
     run(fv.config, fv.workdir, preempted=preempted)
   except config_lib.ConfigError as e:
     distributed.fail(f"error: {e}", code=2)    # several processes: tell the peers, exit 2
     config_lib.die(str(e))
-  except CheckpointError as e:
+  except checkpoint.CheckpointError as e:
     distributed.fail(f"error: {e}", e)
     config_lib.die(str(e), code=1)
   except SystemExit as e:   # guards: every process reaches the same verdict
@@ -322,7 +309,7 @@ def main(argv=None) -> None:
   except Exception as e:
     # Several processes: a lost peer is named (or this error is), peers are told, exit 1
     # without waiting in JAX's shutdown barrier. One process: the usual traceback.
-    distributed.fail(f"error: {type(e).__name__}: {first_line(e)}", e, show_traceback=True)
+    distributed.fail(f"error: {type(e).__name__}: {checkpoint.first_line(e)}", e, show_traceback=True)
     raise
   finally:
     preempted.restore()

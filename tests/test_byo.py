@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2v_jax import config as config_lib, console, probe
+from d2v_jax import config as config_lib, console
+from d2v_jax.probe import cli as probe_cli
 from d2v_jax.data import audio, vision
 from reliability_utils import ROOT, write_corpus, write_wavs
 
@@ -55,7 +56,7 @@ def test_probe_and_trainer_read_ogg_and_mp3_folders(ogg_mp3_classes):
   import wave
   classes = os.path.join(ogg_mp3_classes, "classes")
   cfg = _audio_cfg(classes)
-  ds = probe.load_labelled(cfg, None, classes)
+  ds = probe_cli.load_labelled(cfg, None, classes)
   want = [os.path.join(classes, "a", "01.ogg"), os.path.join(classes, "a", "03.ogg"),
           os.path.join(classes, "b", "00.mp3"), os.path.join(classes, "b", "02.mp3")]
   assert ds.names == want and ds.classes == ["a", "b"] and ds.labels.tolist() == [0, 0, 1, 1]
@@ -117,7 +118,7 @@ def test_alpha_is_composited_onto_the_background(tmp_path, bg):
 
   trainer = next(vision.build_dataset(cfg, str(tmp_path / "w"), start_step=0, process_index=0,
                                       process_count=1))["image"][0]
-  probed = probe.load_image(str(tmp_path / "x" / "a.png"), cfg)
+  probed = vision.load_image(str(tmp_path / "x" / "a.png"), cfg)
   for img in (trainer, probed):
     rgb = img * std + mean
     np.testing.assert_allclose(rgb[4, 4], back, atol=2e-3)       # transparent
@@ -144,7 +145,7 @@ def test_every_decodable_image_format_is_read_by_trainer_and_probe(tmp_path):
   it = vision.build_dataset(cfg, str(tmp_path / "w"), start_step=0, process_index=0, process_count=1)
   batch = next(it)
   assert it.bad_images == 0 and batch["mask"].sum(1).tolist() == [7] * 6
-  ds = probe.load_labelled(cfg, None, str(tmp_path))
+  ds = probe_cli.load_labelled(cfg, None, str(tmp_path))
   assert sorted(ds.names) == files and ds.arrays["image"].shape == (6, 32, 32, 3)
   with pytest.raises(config_lib.ConfigError, match=r"data.extensions holds \['.tiff'\]"):
     vision.image_extensions(_vision_cfg(str(tmp_path), extensions=(".png", ".tiff")))

@@ -10,17 +10,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from d2v_jax import build as build_lib, config as config_lib, metrics, train
+from d2v_jax import build as build_lib, config as config_lib, metrics, train, validate
 from d2v_jax.data import text as text_data
 from reliability_utils import assert_states_equal, load_state, parse, text_args, text_setup
 
 
 def _guards(**kw):
-  g = ml_collections.ConfigDict(dict(min_target_var=0.0, min_pred_var=0.0, collapse_after=5,
-                                     collapse_policy="stop", max_nonfinite=2,
-                                     nonfinite_policy="stop", max_rollbacks=3))
-  g.update(kw)
-  return metrics.Guards(g)
+  """Guards of a validated config (d2v_jax/validate.py checks the guard keys)."""
+  cfg = config_lib.load_file("configs/text.py:variant=tiny,runlocal")
+  cfg.guards.update(dict(min_target_var=0.0, min_pred_var=0.0, collapse_after=5,
+                         collapse_policy="stop", max_nonfinite=2, nonfinite_policy="stop",
+                         max_rollbacks=3, min_target_rank=0.0, rank_window=1, rank_after=0))
+  cfg.guards.update(kw)
+  validate.validate(cfg)
+  return metrics.Guards(cfg.guards)
 
 
 def _m(nonfinite=0, target_var=1.0, pred_var=1.0):

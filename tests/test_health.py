@@ -10,7 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from d2v_jax import build as build_lib, health, metrics as metrics_lib, targets as T
+from d2v_jax import build as build_lib, eval_hook, health, metrics as metrics_lib, targets as T, validate
+from d2v_jax.config import ConfigError
+from d2v_jax.probe import features, rank as rankme
 from d2v_jax.data import text as text_data
 from step_utils import tiny_text_config
 
@@ -19,21 +21,21 @@ from step_utils import tiny_text_config
 
 
 def test_effective_rank_of_known_matrices():
-  assert health.effective_rank(np.eye(16)) == pytest.approx(16.0, rel=1e-4)
+  assert rankme.effective_rank(np.eye(16)) == pytest.approx(16.0, rel=1e-4)
   u, v = np.arange(1.0, 9.0), np.linspace(-1, 2, 5)
-  assert health.effective_rank(np.outer(u, v)) == pytest.approx(1.0, abs=1e-4)
+  assert rankme.effective_rank(np.outer(u, v)) == pytest.approx(1.0, abs=1e-4)
   # singular values (3, 1): p = (3/4, 1/4), exp(-(3/4 ln 3/4 + 1/4 ln 1/4)) = 1.754765...
   want = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
   assert want == pytest.approx(1.7548, abs=1e-4)
-  assert health.effective_rank(np.diag([3.0, 1.0, 0.0])) == pytest.approx(want, rel=1e-5)
+  assert rankme.effective_rank(np.diag([3.0, 1.0, 0.0])) == pytest.approx(want, rel=1e-5)
   # a rotated copy has the same singular values
   q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
-  assert health.effective_rank(q @ np.diag([3.0, 1.0, 0.0])) == pytest.approx(want, rel=1e-5)
+  assert rankme.effective_rank(q @ np.diag([3.0, 1.0, 0.0])) == pytest.approx(want, rel=1e-5)
 
 
 def test_effective_rank_from_gram_equals_svd():
   x = np.random.default_rng(1).normal(size=(200, 12)) * np.linspace(0.1, 3, 12)
-  assert health.effective_rank_from_gram(x.T @ x) == pytest.approx(health.effective_rank(x), rel=1e-6)
+  assert rankme.effective_rank_from_gram(x.T @ x) == pytest.approx(rankme.effective_rank(x), rel=1e-6)
 
 
 # ----------------------------------------------------------------------- in-step effective rank
@@ -84,7 +86,7 @@ def test_in_step_rank_matches_closed_forms():
   # = the float64 RankMe of the standardised masked rows (the offline function)
   rows = g[w]
   std = (rows - rows.mean(0)) / rows.std(0)
-  assert r0 == pytest.approx(health.effective_rank(std), rel=1e-4)
+  assert r0 == pytest.approx(rankme.effective_rank(std), rel=1e-4)
   # a dead (constant) channel adds nothing: rank of 4 equal channels + 1 constant = 4
   x5 = np.c_[_hadamard_rows([1.0, 1, 1, 1]), np.full(8, 3.0)]
   assert rank(x5, np.ones(8)) == pytest.approx(4.0, rel=1e-5)
@@ -169,7 +171,7 @@ def test_train_step_rank_metrics_every_n_steps():
   targets = jax.jit(lambda p, t, b: step_lib.teacher_targets(built.model, p, t, b, cfg)[0])
   y = targets(state.params, state.teacher, host_batch)
   rows = np.asarray(y, np.float64)[np.asarray(host_batch["mask"])]
-  want = health.effective_rank((rows - rows.mean(0)) / rows.std(0))
+  want = rankme.effective_rank((rows - rows.mean(0)) / rows.std(0))
   window, got = metrics_lib.Window(), []
   for _ in range(3):
     state, m = built.step(state, build_lib.to_global(host_batch, built.batch_shardings))
@@ -221,7 +223,7 @@ def test_hook_writes_rank_and_probe_at_configured_steps(tmp_path):
   state = built.init(0)
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  hook = health.Hook(cfg, built, workdir)
+  hook = eval_hook.Hook(cfg, built, workdir)
   writer = metrics_lib.Writer(workdir)
   outs = {s: hook(s, state, writer) for s in range(1, 7)}
   writer.close()
@@ -240,19 +242,20 @@ def test_hook_writes_rank_and_probe_at_configured_steps(tmp_path):
   assert outs[3]["probe_chance"] == pytest.approx(0.5, abs=0.05)
   assert outs[6]["probe_linear_acc"] == outs[3]["probe_linear_acc"]  # same state, same split
   # the hook's rank is the RankMe of the token features of its fixed batch
-  from d2v_jax import probe
-  feats = probe.FeatureEncoder(built, -1, chunk=16)(state.params, hook._fixed_batch())
-  assert r["rank_student"] == pytest.approx(health.effective_rank_from_gram(feats.gram), rel=1e-6)
+  feats = features.FeatureEncoder(built, -1, chunk=16)(state.params, hook._fixed_batch())
+  assert r["rank_student"] == pytest.approx(rankme.effective_rank_from_gram(feats.gram), rel=1e-6)
 
 
-def test_hook_is_off_without_eval_keys_and_rejects_probe_without_data():
+def test_hook_is_off_without_eval_keys_and_bad_eval_keys_fail_validation():
   cfg = tiny_text_config()
-  hook = health.Hook(cfg, None, "/nonexistent")
+  hook = eval_hook.Hook(cfg, None, "/nonexistent")
   assert not hook.active and hook(10, None, None) == {}
-  cfg.eval = ml_collections.ConfigDict(dict(probe_every=5, probe_data=""))
-  from d2v_jax.config import ConfigError
+  cfg.eval.update(dict(probe_every=5, probe_data=""))
   with pytest.raises(ConfigError, match="eval.probe_data"):
-    health.Hook(cfg, None, "/nonexistent")
-  cfg.eval = ml_collections.ConfigDict(dict(rank_every=5, layer=3))  # the tiny model has 2
+    validate.validate(cfg)
+  cfg.eval.update(dict(probe_every=0, rank_every=5, layer=3))  # the tiny model has 2
   with pytest.raises(ConfigError, match=r"eval.layer=3: use 1..2"):
-    health.Hook(cfg, None, "/nonexistent")
+    validate.validate(cfg)
+  cfg.eval.update(dict(layer=-1, probe_weights="ema"))
+  with pytest.raises(ConfigError, match=r"eval.probe_weights='ema': use student or teacher"):
+    validate.validate(cfg)

@@ -338,20 +338,25 @@ def test_audio_heads(audio_export, cls, head, kw, out_spec):
   assert max_abs(got.hidden_states[-1].numpy(), ref.hidden_states[-1].numpy(), valid) <= 1e-5
 
 
-# ------------------------------------------------------- README "Fine-tune the export" snippets
+# -------------------------------------------- docs/finetune.md "Fine-tune the export" snippets
+
+FINETUNE_DOC = os.path.join("docs", "finetune.md")
 
 
 def doc_snippets() -> list[str]:
+  """The python blocks of the "## Fine-tune the export" section (up to the next "## ")."""
   import re
-  with open(os.path.join(ROOT, "README.md")) as f:
+  with open(os.path.join(ROOT, FINETUNE_DOC)) as f:
     text = f.read()
-  section = text[text.index("## Fine-tune the export"):text.index("## Evaluation")]
+  start = text.index("## Fine-tune the export")
+  end = text.find("\n## ", start + 1)
+  section = text[start:end if end >= 0 else len(text)]
   return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
 @pytest.mark.parametrize("index", range(len(doc_snippets())))
 def test_docs_snippet_runs(index, request):
-  """Each fine-tuning snippet of the README runs on the matching tiny export."""
+  """Each fine-tuning snippet of docs/finetune.md runs on the matching tiny export."""
   import re
   code = doc_snippets()[index]
   if "TFData2Vec" in code:
@@ -360,7 +365,7 @@ def test_docs_snippet_runs(index, request):
   assert line, f"snippet {index} sets no HF_DIR = \"runs/<modality>_base/hf\""
   out = request.getfixturevalue(f"{line.group(1)}_export")[0]
   namespace: dict = {}
-  exec(compile(code.replace(line.group(0), f"HF_DIR = {out!r}"), f"README.md#finetune-{index}", "exec"),
+  exec(compile(code.replace(line.group(0), f"HF_DIR = {out!r}"), f"{FINETUNE_DOC}#finetune-{index}", "exec"),
        namespace)
   for name in ("loss", "features", "logits"):
     if name in namespace:

@@ -21,7 +21,8 @@ import transformers
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
-from d2v_jax import build as build_lib, checkpoint, config as config_lib, ema, export, init as init_lib
+from d2v_jax import build as build_lib, checkpoint, config as config_lib, ema, export, init as init_cli
+from d2v_jax import init_weights, validate
 from d2v_jax.hf import common
 from d2v_jax.modality import load as load_modality
 from hf_utils import perturb_, train_tiny_bpe
@@ -137,7 +138,7 @@ def test_hf_import_round_trip(modality, family, envs, tmp_path):
   cfg = with_init(cfg, hf=hf_dir)
 
   fresh_head = host(fresh.params["head"])
-  state = init_lib.initial_params(cfg, built, fresh)
+  state = init_weights.initial_params(cfg, built, fresh)
 
   hf_map = load_modality(modality).hf()
   want = flatten_dict(hf_map.load(hf_dir, cfg), sep="/")
@@ -182,7 +183,7 @@ def trained_run(tokenizer_dir, tmp_path_factory):
 def test_init_from_checkpoint(trained_run, envs):
   workdir, prev, prev_cfg = trained_run
   _, built, fresh = envs("text")  # same shapes as the run; 8 devices (the run used 1)
-  state = init_lib.initial_params(with_init(prev_cfg, ckpt=workdir), built, fresh)
+  state = init_weights.initial_params(with_init(prev_cfg, ckpt=workdir), built, fresh)
   params = host(state.params)
   assert_same(params, host(prev.params), "params (head included)")
   assert_same(host(state.teacher), {k: v for k, v in params.items() if k.startswith("encoder/")},
@@ -237,9 +238,9 @@ def test_import_mismatch_names_the_weight(envs, tmp_path):
   ]
   for path, pattern in cases:  # through the trainer's entry point
     with pytest.raises(config_lib.ConfigError, match=pattern):
-      init_lib.initial_params(with_init(cfg, hf=path), built, fresh)
+      init_weights.initial_params(with_init(cfg, hf=path), built, fresh)
   with pytest.raises(config_lib.ConfigError, match="both set"):
-    init_lib.initial_params(with_init(cfg, hf=variant("ok"), ckpt=str(tmp_path)), built, fresh)
+    init_weights.initial_params(with_init(cfg, hf=variant("ok"), ckpt=str(tmp_path)), built, fresh)
 
 
 def test_import_mismatch_vision_audio(tmp_path):
@@ -248,19 +249,19 @@ def test_import_mismatch_vision_audio(tmp_path):
   # 32 px images: a 4x4 grid needs a (2*4-1)^2+3 = 52-row relative position table, not 228
   with pytest.raises(config_lib.ConfigError,
                      match=r"relative_position_bias_table' has shape \(228, 2\) .*expects \(52, 2\)"):
-    init_lib.load_hf(vision, vision_cfg(image_size=32), load_modality("vision"))
+    init_weights.load_hf(vision, vision_cfg(image_size=32), load_modality("vision"))
   with pytest.raises(config_lib.ConfigError, match=r"'data2vec-vision' model .*a audio run imports data2vec-audio"):
-    init_lib.load_hf(vision, audio_cfg(), load_modality("audio"))
+    init_weights.load_hf(vision, audio_cfg(), load_modality("audio"))
   audio = _hf_dir(tmp_path / "a", hf_model("data2vec-audio", audio_cfg()))
   cfg = audio_cfg()
   cfg.model.conv_strides = (5, 2, 2, 2, 2, 2, 1)  # no weight shape shows a stride
   with pytest.raises(config_lib.ConfigError, match=r"conv_stride=\[5, 2, 2, 2, 2, 2, 2\] but this config has \[5, 2, 2, 2, 2, 2, 1\]"):
-    init_lib.load_hf(audio, cfg, load_modality("audio"))
+    init_weights.load_hf(audio, cfg, load_modality("audio"))
   cfg = audio_cfg()
   cfg.model.conv_dims = (32,) * 7
   with pytest.raises(config_lib.ConfigError,
                      match=r"feature_extractor\.conv_layers\.0\.conv\.weight' has shape \(64, 1, 10\) .*\(32, 1, 10\)"):
-    init_lib.load_hf(audio, cfg, load_modality("audio"))
+    init_weights.load_hf(audio, cfg, load_modality("audio"))
 
 
 def test_init_checkpoint_mismatch_names_the_weight(trained_run):
@@ -269,10 +270,10 @@ def test_init_checkpoint_mismatch_names_the_weight(trained_run):
   cfg.model.encoder.mlp_dim = 128
   with pytest.raises(config_lib.ConfigError,
                      match=r"params/encoder/layers/block/fc1/bias has shape \(2, 256\) but this config expects \(2, 128\)"):
-    init_lib.load_run_params(workdir, cfg, build_lib.build(cfg))  # build() compiles nothing
+    init_weights.load_run_params(workdir, cfg, build_lib.build(cfg))  # build() compiles nothing
   cfg = with_init(audio_cfg(), ckpt=workdir)
   with pytest.raises(config_lib.ConfigError, match=r"is a 'text' run; this run is 'audio'"):
-    init_lib.load_run_params(workdir, cfg, build_lib.build(cfg))
+    init_weights.load_run_params(workdir, cfg, build_lib.build(cfg))
 
 
 # ------------------------------------------------------ bring your own HF model (init.hf)
@@ -296,7 +297,7 @@ def test_init_hf_takes_the_architecture_and_exports_it_back(bert_vocab_model, tm
   from transformers import AutoModel, AutoTokenizer
   src, model, tok = bert_vocab_model
   run, out = str(tmp_path / "run"), str(tmp_path / "export")
-  init_lib.main(["--hf", src, "--workdir", run])
+  init_cli.main(["--hf", src, "--workdir", run])
   printed = capsys.readouterr().out
   assert "model.encoder.num_layers=3, model.encoder.hidden=96, model.encoder.heads=4" in printed
   assert f"data.tokenizer={src}" in printed and "data.block_size=39" in printed
@@ -329,7 +330,7 @@ def test_init_hf_takes_the_architecture_and_exports_it_back(bert_vocab_model, tm
       np.testing.assert_array_equal(exported[name], x, err_msg=name)
 
   with pytest.raises(SystemExit):       # an existing run is never overwritten
-    init_lib.main(["--hf", src, "--workdir", run])
+    init_cli.main(["--hf", src, "--workdir", run])
   assert "already holds a checkpoint (step 0)" in capsys.readouterr().err
 
 
@@ -341,7 +342,7 @@ def test_init_hf_command_line_keys(bert_vocab_model):
   src, _, tok = bert_vocab_model
   base = ["--config", "configs/text.py:variant=tiny", f"--config.init.hf={src}"]
   cfg = parse(base + ["--config.model.encoder.hidden=96"])     # agrees: fine
-  config_lib.validate(cfg)
+  validate.validate(cfg)
   enc = cfg.model.encoder
   assert (enc.num_layers, enc.hidden, enc.heads, enc.mlp_dim, enc.layer_norm_eps) == (3, 96, 4, 160, 1e-12)
   assert (cfg.model.max_positions, cfg.model.pad_id, cfg.model.type_vocab, cfg.model.vocab_size,
@@ -354,7 +355,7 @@ def test_init_hf_command_line_keys(bert_vocab_model):
                     ("model.encoder.layer_norm_eps=1e-05", "config.json layer_norm_eps=1e-12")]:
     cfg = parse(base + [f"--config.{flag}"])
     with pytest.raises(config_lib.ConfigError) as e:
-      config_lib.validate(cfg)
+      validate.validate(cfg)
     assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
@@ -375,11 +376,11 @@ def test_init_hf_architecture_keys_round_trip(modality, tmp_path):
   cls(**fields).save_pretrained(str(tmp_path))
   cfg = config_lib.load_file(f"configs/{modality}.py:variant=tiny,runlocal")
   set_init(cfg, hf=str(tmp_path))
-  init_lib.resolve_config(cfg)
+  init_weights.resolve_config(cfg)
   ours = load_modality(modality).hf().hf_config(cfg).to_dict()
   hf_json = json.load(open(tmp_path / "config.json"))
-  arch = {f for f, _ in init_lib.ARCH[modality]}
+  arch = {f for f, _ in load_modality(modality).hf().ARCH}
   assert set(fields) <= arch and len(arch - set(fields)) <= 1   # vision: num_channels stays 3
   for field in arch:
-    assert init_lib._norm(ours[field]) == init_lib._norm(hf_json[field]), field
+    assert init_weights._norm(ours[field]) == init_weights._norm(hf_json[field]), field
   assert cfg.target.top_k <= 3

@@ -7,7 +7,9 @@ import wave
 import numpy as np
 import pytest
 
-from d2v_jax import config as config_lib, probe
+from d2v_jax import config as config_lib
+from d2v_jax.data import audio, labelled, vision
+from d2v_jax.probe import cli as probe_cli, features, fit
 from d2v_jax.config import ConfigError
 
 
@@ -22,7 +24,7 @@ def _blobs(n_per_class=150, classes=4, dim=16, seed=0):
 
 def test_probe_on_separable_features_is_near_perfect():
   x, y = _blobs()
-  res = probe.fit_probes(x, y, seed=0, test_frac=0.3)
+  res = fit.fit_probes(x, y, seed=0, test_frac=0.3)
   assert res["n_test"] == 180 and res["n_train"] == 420
   assert res["linear_acc"] >= 0.98
   assert res["knn_acc"] >= 0.98
@@ -36,7 +38,7 @@ def test_probe_on_shuffled_labels_stays_at_chance():
   accs = []
   for seed in range(3):
     y_shuffled = np.random.default_rng(100 + seed).permutation(y)
-    res = probe.fit_probes(x, y_shuffled, seed=seed, test_frac=0.3)
+    res = fit.fit_probes(x, y_shuffled, seed=seed, test_frac=0.3)
     assert 0.15 <= res["linear_acc"] <= 0.35, res
     assert 0.15 <= res["knn_acc"] <= 0.35, res
     accs += [res["linear_acc"], res["knn_acc"]]
@@ -45,34 +47,34 @@ def test_probe_on_shuffled_labels_stays_at_chance():
 
 def test_split_is_stratified_and_seeded():
   y = np.array([0] * 70 + [1] * 30, np.int32)
-  tr, te = probe.split(y, 0.3, seed=3)
+  tr, te = fit.split(y, 0.3, seed=3)
   assert len(te) == 30 and np.bincount(y[te]).tolist() == [21, 9]
-  tr2, te2 = probe.split(y, 0.3, seed=3)
+  tr2, te2 = fit.split(y, 0.3, seed=3)
   np.testing.assert_array_equal(te, te2)
   assert not set(tr) & set(te)
   with pytest.raises(ConfigError, match="at least 2 examples"):
-    probe.split(np.array([0, 0, 0, 1], np.int32), 0.3, 0)
+    fit.split(np.array([0, 0, 0, 1], np.int32), 0.3, 0)
 
 
 def test_layer_index():
-  assert probe.layer_index(-1, 4) == 3 and probe.layer_index(1, 4) == 0
-  assert probe.layer_index(-4, 4) == 0 and probe.layer_index(4, 4) == 3
+  assert features.layer_index(-1, 4) == 3 and features.layer_index(1, 4) == 0
+  assert features.layer_index(-4, 4) == 0 and features.layer_index(4, 4) == 3
   for bad in (0, 5, -5):
     with pytest.raises(ConfigError, match="layer="):
-      probe.layer_index(bad, 4)
+      features.layer_index(bad, 4)
 
 
 def test_read_tsv_and_class_folders_errors(tmp_path):
   p = tmp_path / "x.tsv"
   p.write_text("a verse\tOT\n\nanother verse\tNT\nno label here\n")
   with pytest.raises(ConfigError, match=r"x.tsv:4: expected `text<TAB>label`"):
-    probe.read_tsv(str(p))
+    labelled.read_tsv(str(p))
   p.write_text("a verse\tOT\nanother\tverse\tNT\n")
-  assert probe.read_tsv(str(p)) == (["a verse", "another\tverse"], ["OT", "NT"])
+  assert labelled.read_tsv(str(p)) == (["a verse", "another\tverse"], ["OT", "NT"])
   (tmp_path / "imgs" / "cat").mkdir(parents=True)
   (tmp_path / "imgs" / "cat" / "a.png").write_bytes(b"x")
   with pytest.raises(ConfigError, match="at least two class folders"):
-    probe.class_folders(str(tmp_path / "imgs"), (".png",))
+    labelled.class_folders(str(tmp_path / "imgs"), (".png",))
 
 
 def test_load_image_eval_preprocessing(tmp_path):
@@ -84,7 +86,7 @@ def test_load_image_eval_preprocessing(tmp_path):
   img[:, :50, 0] = 255
   img[:, 50:, 2] = 255
   Image.fromarray(img).save(tmp_path / "a.png")
-  x = probe.load_image(str(tmp_path / "a.png"), cfg)
+  x = vision.load_image(str(tmp_path / "a.png"), cfg)
   assert x.shape == (64, 64, 3)
   mean, std = np.array(cfg.data.mean), np.array(cfg.data.std)
   np.testing.assert_allclose(x[10, 5], (np.array([1, 0, 0]) - mean) / std, atol=1e-4)
@@ -102,7 +104,7 @@ def test_load_clip_normalises_then_cuts_and_pads(tmp_path):
     w.setsampwidth(2)
     w.setframerate(rate)
     w.writeframes(x.tobytes())
-  clip, length = probe.load_clip(str(path), cfg)
+  clip, length = audio.load_clip(str(path), cfg)
   assert length == cfg.data.max_samples and clip.shape == (cfg.data.max_samples,)
   # normalised over the whole utterance (before the cut), as training does
   f = x.astype(np.float64) / 32768
@@ -114,7 +116,7 @@ def test_load_clip_normalises_then_cuts_and_pads(tmp_path):
     w.setsampwidth(2)
     w.setframerate(rate)
     w.writeframes(x[:20_000].tobytes())
-  clip, length = probe.load_clip(str(path), cfg)
+  clip, length = audio.load_clip(str(path), cfg)
   assert length == 20_000 and np.all(clip[20_000:] == 0) and np.abs(clip[:20_000]).max() > 1
 
 
@@ -138,7 +140,7 @@ def test_cli_random_init_text_run(tmp_path, capsys):
   cfg.model.vocab_size = len(text_data.load_tokenizer(str(run / "tokenizer")))
   config_lib.write_resolved(cfg, str(run))
   out = tmp_path / "probe.json"
-  probe.main(["--workdir", str(run), "--data", str(tsv), "--random-init", "--k", "5",
+  probe_cli.main(["--workdir", str(run), "--data", str(tsv), "--random-init", "--k", "5",
               "--repeats", "2", "--out", str(out)])
   table = capsys.readouterr().out
   assert "random-init" in table and "2 classes, train 42 / test 18" in table
@@ -152,5 +154,5 @@ def test_cli_random_init_text_run(tmp_path, capsys):
   assert 1.0 < row["effective_rank"] <= 64.0
   # without a checkpoint, probing the run's weights is one clear error
   with pytest.raises(SystemExit):
-    probe.main(["--workdir", str(run), "--data", str(tsv)])
+    probe_cli.main(["--workdir", str(run), "--data", str(tsv)])
   assert "error:" in capsys.readouterr().err

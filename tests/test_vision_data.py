@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from d2v_jax import config as config_lib
+from d2v_jax import config as config_lib, validate
 from d2v_jax.config import ConfigError, set_path
 from d2v_jax.data import vision as V
 from conftest import ROOT
@@ -276,7 +276,7 @@ def test_base_config_matches_released_recipe():
   cfg = config_lib.load_file(os.path.join(ROOT, "configs", "vision.py") + ":variant=base")
   V.prepare(cfg, "/tmp")
   V.validate(cfg)
-  config_lib.validate(cfg)
+  validate.validate(cfg)
   assert cfg.data.num_mask_patches == 120 and (cfg.model.image_size, cfg.model.patch_size) == (224, 16)
   assert cfg.total_steps == 500_000 and cfg.optim.warmup_steps == 6_250   # 800 / 10 epochs at 2048
   assert cfg.teacher.ema_subtrees == ("embed", "encoder") and cfg.target.top_k == 6

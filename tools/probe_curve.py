@@ -33,24 +33,27 @@ def main(argv=None) -> None:
 
   import jax
 
-  from d2v_jax import build as build_lib, checkpoint, ema, probe
-  from d2v_jax.health import effective_rank_from_gram
+  from d2v_jax import build as build_lib, checkpoint, ema
+  from d2v_jax.probe import cli as probe_cli
+  from d2v_jax.probe.features import FeatureEncoder
+  from d2v_jax.probe.fit import fit_probes_repeated, split
+  from d2v_jax.probe.rank import effective_rank_from_gram
 
-  cfg = probe._run_config(a.workdir)
+  cfg = probe_cli.run_config(a.workdir)
   cfg.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   built = build_lib.build(cfg, devices=jax.local_devices()[:1])
   # With several processes every one restores each checkpoint (orbax); only process 0 probes.
   writer = distributed.is_writer()
   if writer:
-    ds = probe.load_labelled(cfg, a.workdir, a.data)
-    splits = [probe.split(ds.labels, 0.3, s) for s in range(a.repeats)]
-    enc = probe.FeatureEncoder(built, a.layer)
+    ds = probe_cli.load_labelled(cfg, a.workdir, a.data)
+    splits = [split(ds.labels, 0.3, s) for s in range(a.repeats)]
+    enc = FeatureEncoder(built, a.layer)
 
   def row(step, name, params):
     if not writer:
       return None
     f = enc(params, ds.arrays)
-    r = probe.fit_probes_repeated(f.pooled, ds.labels, splits)
+    r = fit_probes_repeated(f.pooled, ds.labels, splits)
     out = {"step": step, "weights": name, "linear_acc": r["linear_acc"],
            "linear_acc_std": r["linear_acc_std"], "knn_acc": r["knn_acc"],
            "knn_acc_std": r["knn_acc_std"], "chance": r["chance"],

@@ -78,7 +78,7 @@ import numpy as np
 import tensorflow as tf
 
 from d2v_jax.config import ConfigError
-from d2v_jax.data import masking_v2, order
+from d2v_jax.data import labelled, masking_v2, order
 from d2v_jax.data.masking_audio import block_mask_1d, conv_output_length, receptive_field, span_mask
 
 SOURCES = ("files", "tfrecord", "tfds")
@@ -940,6 +940,11 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   index(cfg, workdir)
 
 
+def resolve_offline(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Model keys without reading the data: no audio config value depends on the data."""
+  del cfg, workdir
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   m, d = cfg.model, cfg.data
   n = len(m.conv_dims)
@@ -1041,6 +1046,50 @@ class BatchStats:
   @property
   def padded_fraction(self) -> float:
     return 1.0 - self.real_frames / max(self.frames, 1)
+
+
+# ------------------------------------------------------------------ labelled probe sets
+
+
+def load_clip(path: str, cfg) -> tuple[np.ndarray, int]:
+  """Eval preprocessing: mono at data.sample_rate, per-utterance normalisation
+  (data.normalize), the first data.max_samples samples, zero right-padding."""
+  rate = int(cfg.data.sample_rate)
+  with open(path, "rb") as f:
+    data = f.read()
+  x = None
+  if data[:4] == b"RIFF":
+    try:
+      wav, r = tf.audio.decode_wav(data)
+      if int(r) == rate:
+        x = tf.reduce_mean(wav, axis=1)
+    except tf.errors.OpError:
+      x = None  # not 16-bit PCM: ffmpeg below
+  if x is None:
+    try:
+      x = tf.constant(_ffmpeg_decode(data, rate))
+    except ValueError as e:
+      raise ConfigError(f"audio {path}: {e}") from None
+  if int(tf.size(x)) == 0:
+    raise ConfigError(f"audio {path} has no samples")
+  if cfg.data.normalize:
+    x = normalize(x)
+  x = x.numpy()[: int(cfg.data.max_samples)].astype(np.float32)
+  n = len(x)
+  return np.pad(x, (0, int(cfg.data.max_samples) - n)), n
+
+
+def labelled_set(cfg, workdir: str | None, path: str) -> labelled.LabelledSet:
+  """A folder per class of audio files (the trainer's list_files: every extension it reads),
+  each preprocessed by load_clip (python -m d2v_jax.probe)."""
+  del workdir
+  files, names = labelled.class_folders(path, EXTENSIONS, lister=list_files)
+  clips = [load_clip(f, cfg) for f in files]
+  labels, classes = labelled.label_ids(names)
+  arrays = {"audio": np.stack([c[0] for c in clips]),
+            "audio_len": np.asarray([c[1] for c in clips], np.int32),
+            "mask": np.zeros((len(files), frames(cfg, cfg.data.max_samples)), bool)}
+  return labelled.LabelledSet(arrays, labels, classes, files)
 
 
 def _main() -> None:  # python -m d2v_jax.data.audio configs/audio.py:variant=tiny,runlocal [threads]

@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -47,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from d2v_jax.config import ConfigError
-from d2v_jax.data import masking_v2, order
+from d2v_jax.data import labelled, masking_v2, order
 from d2v_jax.data.masking_text import MaskSpec, mask_tokens
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3; <mask> is the last id
@@ -548,6 +549,20 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   _blocks(cfg, workdir, tok)
 
 
+def resolve_offline(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """model.vocab_size / pad_id without reading the corpus (AOT compile, python -m
+  d2v_jax.init): from data.tokenizer when one is given, else the size a trained tokenizer
+  gets (data.vocab_size). Weights imported with init.hf need their own tokenizer."""
+  del workdir
+  if cfg.data.tokenizer:
+    resolve_model_keys(cfg, load_tokenizer(cfg.data.tokenizer))
+  elif cfg.init.hf:
+    raise ConfigError(f"init.hf={cfg.init.hf!r} holds no tokenizer; set --config.data.tokenizer "
+                      "to the tokenizer of these weights")
+  elif cfg.model.vocab_size is None:
+    cfg.model.vocab_size = int(cfg.data.vocab_size)
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Range checks of the text data keys."""
   d = cfg.data
@@ -633,6 +648,41 @@ def example_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------ CLI
+
+
+# ------------------------------------------------------------------ labelled probe sets
+
+
+def run_tokenizer(cfg, workdir: str | None):
+  """The run's tokenizer: data.tokenizer, else the one training wrote to WORKDIR/tokenizer."""
+  path = cfg.data.tokenizer or (os.path.join(_local_dir(workdir), "tokenizer")
+                                if workdir else "")
+  if not path or not os.path.isdir(path):
+    raise ConfigError(f"no tokenizer for the text probe: data.tokenizer is empty and {path!r} "
+                      "does not exist; probe a run directory that trained (it writes "
+                      "WORKDIR/tokenizer) or set data.tokenizer")
+  return load_tokenizer(path)
+
+
+def labelled_set(cfg, workdir: str | None, path: str) -> labelled.LabelledSet:
+  """A `text<TAB>label` TSV, tokenized with the run's tokenizer (data.tokenizer or
+  WORKDIR/tokenizer) as <s> text </s> (its bos / eos, or [CLS] / [SEP]), cut at
+  data.block_size and padded with model.pad_id (python -m d2v_jax.probe)."""
+  texts, names = labelled.read_tsv(path)
+  tok = run_tokenizer(cfg, workdir)
+  block = int(cfg.data.block_size)
+  # as training packs: the tokenizer's bos + tokens + eos (its own padding / truncation off)
+  bos, eos = special_ids(tok)["bos"], special_ids(tok)["eos"]
+  enc = corpus_encoder(tok).encode_batch(texts, add_special_tokens=False)
+  ids = [[bos] + e.ids[: block - 2] + [eos] for e in enc]
+  # one length for the whole set (one compile), as short as the longest example allows
+  t = min(block, 8 * math.ceil(max(len(x) for x in ids) / 8))
+  out = np.full((len(ids), t), cfg.model.pad_id, np.int32)
+  for i, x in enumerate(ids):
+    out[i, :len(x)] = x
+  labels, classes = labelled.label_ids(names)
+  arrays = {"source": out, "student": out.copy(), "mask": np.zeros(out.shape, bool)}
+  return labelled.LabelledSet(arrays, labels, classes, texts)
 
 
 def _main(argv: list[str]) -> int:

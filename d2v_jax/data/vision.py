@@ -58,7 +58,7 @@ import numpy as np
 import tensorflow as tf
 
 from d2v_jax.config import ConfigError
-from d2v_jax.data import masking_v2, order
+from d2v_jax.data import labelled, masking_v2, order
 from d2v_jax.data.masking_vision import BEIT_MASK_RATIO, BlockMaskSpec, block_masks
 
 SOURCES = ("files", "tfrecord", "tfds")
@@ -127,6 +127,11 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   del workdir
   if cfg.model.image_size % cfg.model.patch_size == 0 and cfg.data.num_mask_patches is None:
     cfg.data.num_mask_patches = int(round(BEIT_MASK_RATIO * num_patches(cfg)))
+
+
+# Model keys without reading the data (AOT compile, python -m d2v_jax.init): prepare reads no
+# image, it only resolves the mask-count default.
+resolve_offline = prepare
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -538,6 +543,39 @@ def build_dataset(cfg: ml_collections.ConfigDict, workdir: str, *, start_step: i
 
 
 # ------------------------------------------------------------------------------------ CLI
+
+
+# ------------------------------------------------------------------ labelled probe sets
+
+
+def load_image(path: str, cfg) -> np.ndarray:
+  """Eval preprocessing: decoded as in training (vision.decode_rgb: alpha composited onto
+  data.background), shorter side -> image_size (bicubic, antialiased), centre crop, [0, 1],
+  normalised by data.mean / data.std. float32 [S, S, 3]."""
+  s = int(cfg.model.image_size)
+  try:
+    img = decode_rgb(tf.io.read_file(path), background(cfg))
+  except tf.errors.OpError as e:
+    raise ConfigError(f"image {path} cannot be decoded: {e.message.splitlines()[0]}") from None
+  h, w = int(img.shape[0]), int(img.shape[1])
+  scale = s / min(h, w)
+  nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+  img = tf.image.resize(img, [nh, nw], method="bicubic", antialias=True)
+  top, left = (nh - s) // 2, (nw - s) // 2
+  img = tf.clip_by_value(img[top:top + s, left:left + s] / 255.0, 0.0, 1.0)
+  img = (img - tf.constant(cfg.data.mean, tf.float32)) / tf.constant(cfg.data.std, tf.float32)
+  return img.numpy().astype(np.float32)
+
+
+def labelled_set(cfg, workdir: str | None, path: str) -> labelled.LabelledSet:
+  """A folder per class of images (the trainer's extensions, image_extensions), each
+  preprocessed by load_image (python -m d2v_jax.probe)."""
+  del workdir
+  files, names = labelled.class_folders(path, image_extensions(cfg))
+  images = np.stack([load_image(f, cfg) for f in files])
+  labels, classes = labelled.label_ids(names)
+  arrays = {"image": images, "mask": np.zeros((len(files), num_patches(cfg)), bool)}
+  return labelled.LabelledSet(arrays, labels, classes, files)
 
 
 def _main(argv: list[str]) -> int:

@@ -38,6 +38,12 @@ import numpy as np
 from d2v_jax import config as config_lib
 from d2v_jax.hf import common
 
+FAMILIES = ("data2vec-audio",)                # config.json model_type values we import
+ARCH = common.ENCODER_ARCH + (("conv_dim", "model.conv_dims"), ("conv_stride", "model.conv_strides"),
+                              ("conv_kernel", "model.conv_kernels"), ("conv_bias", "model.conv_bias"),
+                              ("num_conv_pos_embeddings", "model.pos_conv_depth"),
+                              ("conv_pos_kernel_size", "model.pos_conv_kernel"),
+                              ("num_conv_pos_embedding_groups", "model.pos_conv_groups"))
 PREFIXES = ("data2vec_audio.", "")  # Data2VecAudioFor* heads, base model
 
 BLOCK_MAP = (

@@ -17,6 +17,15 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 
+# config.json field -> our key, for every modality's encoder (hf/<m>.py ARCH extends it): the
+# architecture an init.hf directory fixes (d2v_jax/init_weights.py resolve_config).
+ENCODER_ARCH = (("num_hidden_layers", "model.encoder.num_layers"),
+                ("hidden_size", "model.encoder.hidden"),
+                ("num_attention_heads", "model.encoder.heads"),
+                ("intermediate_size", "model.encoder.mlp_dim"),
+                ("layer_norm_eps", "model.encoder.layer_norm_eps"))
+
+
 def unbox(tree):
   """Drops flax LogicallyPartitioned boxes and moves arrays to host numpy."""
   tree = flax.linen.meta.unbox(tree)

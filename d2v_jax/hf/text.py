@@ -25,7 +25,13 @@ import numpy as np
 from d2v_jax import config as config_lib
 from d2v_jax.hf import common
 
+FAMILIES = ("data2vec-text", "roberta")          # config.json model_type values we import
+ARCH = common.ENCODER_ARCH + (("max_position_embeddings", "model.max_positions"),
+                              ("pad_token_id", "model.pad_id"), ("type_vocab_size", "model.type_vocab"),
+                              ("vocab_size", "model.vocab_size"))
 PREFIXES = ("data2vec_text.", "roberta.", "")  # Data2VecText*, Roberta* heads, base model
+# Files that make a directory a tokenizer directory (init.hf: data.tokenizer defaults to it).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer_config.json")
 
 # (HF module name, our path inside a block, kind); kind picks the leaf names.
 BLOCK_MAP = (
@@ -66,6 +72,22 @@ def _check_representable(cfg) -> None:
       raise config_lib.ConfigError(
           f"{what} has no Data2VecText/RoBERTa equivalent (post-LN, k-bias, no extra norms); "
           "use the configs/text.py encoder settings to export to Hugging Face")
+
+
+def resolve_config(cfg, hf_path: str, explicit) -> list[str]:
+  """What an init.hf directory fixes beyond ARCH (d2v_jax/init_weights.py): data.tokenizer =
+  the directory when it holds a tokenizer, data.block_size within its positions. Keys in
+  `explicit` (set on the command line) are left alone. Returns the "key=value" changes."""
+  changed = []
+  if not cfg.data.tokenizer and "data.tokenizer" not in explicit and any(
+      os.path.exists(os.path.join(hf_path, f)) for f in TOKENIZER_FILES):
+    cfg.data.tokenizer = hf_path
+    changed.append(f"data.tokenizer={hf_path}")
+  room = int(cfg.model.max_positions) - int(cfg.model.pad_id) - 1
+  if cfg.data.block_size > room and "data.block_size" not in explicit:
+    cfg.data.block_size = room
+    changed.append(f"data.block_size={room}")
+  return changed
 
 
 def hf_config(cfg, bos_id: int = 0, eos_id: int = 2):

@@ -28,6 +28,10 @@ import numpy as np
 from d2v_jax import config as config_lib
 from d2v_jax.hf import common
 
+FAMILIES = ("data2vec-vision", "beit")        # config.json model_type values we import
+ARCH = common.ENCODER_ARCH + (("image_size", "model.image_size"), ("patch_size", "model.patch_size"),
+                              ("num_channels", "model.channels"),
+                              ("layer_scale_init_value", "model.encoder.layer_scale"))
 PREFIXES = ("data2vec_vision.", "beit.", "")  # task heads' prefixes, then the bare base model
 PROBE = "embeddings.patch_embeddings.projection.weight"
 REL_TABLE = "encoder.relative_position_bias.relative_position_bias_table"

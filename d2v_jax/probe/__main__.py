@@ -1,0 +1,3 @@
+from d2v_jax.probe.cli import main
+
+main()

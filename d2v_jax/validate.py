@@ -1,0 +1,88 @@
+"""Every check of a config, in one place, before anything is built or read.
+
+`validate(cfg)` (build.build, the trainer and `python -m d2v_jax.init` call it; idempotent):
+
+1. fills the keys that configs of older runs lack (config.LATE_DEFAULTS and the modality's
+   data LATE_DEFAULTS), so code reads every key directly;
+2. takes the architecture from an init.hf directory (init_weights.resolve_config), so the
+   checks and everything built after them see the weights' shapes;
+3. range checks that hold for every modality, the guards and the evaluation keys;
+4. the modality's own checks (data.validate).
+
+A failed check raises config.ConfigError with one line: the key, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from d2v_jax import config as config_lib, init_weights, metrics, objectives
+from d2v_jax.config import ConfigError
+from d2v_jax.modality import load as load_modality
+from d2v_jax.probe.features import layer_index
+
+NORMS = ("layer", "instance", "none")
+
+
+def validate(cfg) -> None:
+  mod = load_modality(cfg.modality)
+  config_lib.fill_defaults(cfg, getattr(mod.data, "LATE_DEFAULTS", {}))
+  init_weights.resolve_config(cfg)
+  for ok, msg in _common(cfg) + _guards(cfg.guards) + _eval(cfg):
+    if not ok:
+      raise ConfigError(msg)
+  mod.data.validate(cfg)
+
+
+def _common(cfg) -> list[tuple[bool, str]]:
+  enc = cfg.model.encoder
+  checks = [
+      (cfg.objective in objectives.OBJECTIVES,
+       f"objective={cfg.objective!r} must be one of {sorted(objectives.OBJECTIVES)}"),
+      (1 <= cfg.target.top_k <= enc.num_layers,
+       f"target.top_k={cfg.target.top_k} must be in [1, model.encoder.num_layers={enc.num_layers}]"),
+      (enc.hidden % enc.heads == 0,
+       f"model.encoder.hidden={enc.hidden} is not divisible by heads={enc.heads}"),
+      (cfg.total_steps > 0, f"total_steps={cfg.total_steps} must be > 0"),
+      (cfg.checkpoint_every > 0, f"checkpoint_every={cfg.checkpoint_every} must be > 0"),
+      (cfg.batch_size > 0, f"batch_size={cfg.batch_size} must be > 0"),
+      (0.0 <= cfg.teacher.tau_start <= 1.0 and 0.0 <= cfg.teacher.tau_end <= 1.0,
+       "teacher.tau_start and tau_end must be in [0, 1]"),
+      (cfg.target.layer_output in ("ffn", "end"), "target.layer_output must be ffn or end"),
+      (cfg.target.layer_norm in NORMS, "target.layer_norm must be layer, instance or none"),
+      (cfg.target.final_norm in NORMS, "target.final_norm must be layer, instance or none"),
+      (cfg.loss.reduce_dims in ("sum", "mean"), "loss.reduce_dims must be sum or mean"),
+      (cfg.dtype in ("float32", "bfloat16"), f"dtype={cfg.dtype!r} must be float32 or bfloat16"),
+  ]
+  for p in ("mask_prob", "random_token_prob", "leave_unmasked_prob"):
+    if p in cfg.data:
+      checks.append((0.0 <= cfg.data[p] <= 1.0, f"data.{p}={cfg.data[p]} must be in [0, 1]"))
+  return checks
+
+
+def _guards(g) -> list[tuple[bool, str]]:
+  checks = [(g[key] in allowed, f"guards.{key}={g[key]!r} must be one of {allowed}")
+            for key, allowed in (("nonfinite_policy", metrics.NONFINITE_POLICIES),
+                                 ("collapse_policy", metrics.COLLAPSE_POLICIES),
+                                 ("rank_policy", metrics.COLLAPSE_POLICIES))]
+  checks += [(g[key] >= 0, f"guards.{key}={g[key]} must be >= 0")
+             for key in ("max_nonfinite", "max_rollbacks", "collapse_after", "min_target_rank",
+                         "min_pred_rank", "rank_after")]
+  checks.append((g.rank_window >= 1, f"guards.rank_window={g.rank_window} must be >= 1"))
+  return checks
+
+
+def _eval(cfg) -> list[tuple[bool, str]]:
+  e = cfg.eval
+  checks = [
+      (e.step_rank_every >= 0, f"eval.step_rank_every={e.step_rank_every} must be >= 0 (0 = off)"),
+      (not e.probe_every or bool(e.probe_data),
+       "eval.probe_every > 0 needs eval.probe_data: a folder per class (images, audio) or a "
+       "text<TAB>label TSV (text)"),
+      (e.probe_weights in ("student", "teacher"),
+       f"eval.probe_weights={e.probe_weights!r}: use student or teacher"),
+  ]
+  if e.rank_every or e.probe_every:   # a bad layer fails at start-up, not at the first evaluation
+    try:
+      layer_index(int(e.layer), int(cfg.model.encoder.num_layers))
+    except ConfigError as err:
+      checks.append((False, f"eval.{err}"))
+  return checks
