@@ -2,8 +2,9 @@
 
   python -m d2v_jax.export --workdir RUN_DIR --out HF_DIR [--weights student|teacher] [--step N]
 
-Restores the checkpoint on one CPU device (whatever mesh it was written on) and calls the
-modality's map (d2v_jax/hf/<modality>.py). Default weights: the student, as the official
+Restores the checkpoint on one CPU device (whatever mesh it was written on) and writes it
+through the modality's map (d2v_jax/hf/<modality>.py tables, d2v_jax/hf/common.py walk).
+Default weights: the student, as the official
 fairseq/data2vec_vision -> HF conversions did; `--weights teacher` exports the EMA teacher
 (its EMA subtrees, plus the student's shared ones, e.g. text embeddings). The resolved
 training config travels with the export (d2v_config.json); a text export carries the run's
@@ -24,7 +25,7 @@ from d2v_jax import console  # noqa: F401,E402  (first: quiet console)
 import jax  # noqa: E402
 
 from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed, ema  # noqa: E402
-from d2v_jax.hf.common import write_json  # noqa: E402
+from d2v_jax.hf import common as hf_common  # noqa: E402
 
 MARKER = "d2v_export.json"
 
@@ -79,8 +80,8 @@ def export(workdir: str, out: str, weights: str = "student", step: int | None = 
   if not writer:
     return out
   os.makedirs(out, exist_ok=True)
-  built.modality.hf().export(params, cfg, out, workdir)
-  write_json({"workdir": os.path.abspath(workdir), "step": step, "weights": weights,
+  hf_common.export(built.modality.hf(), params, cfg, out, workdir)
+  hf_common.write_json({"workdir": os.path.abspath(workdir), "step": step, "weights": weights,
               "modality": cfg.modality}, os.path.join(out, MARKER))
   return out
 

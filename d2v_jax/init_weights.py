@@ -16,7 +16,7 @@ what the model allows.
 Applied only when the run directory has no checkpoint (a resume ignores both keys). The trainer
 calls `initial_params(cfg, built, built.init(cfg.seed))`:
 
-* init.hf: `hf/<modality>.load(PATH, cfg)` gives the `embed` and `encoder` subtrees; they
+* init.hf: `hf/common.load` with the modality's map gives the `embed` and `encoder` subtrees; they
   replace the fresh ones (the regression head, a pretraining module HF never holds, keeps its
   fresh init). The HF config.json must be of the modality's family and agree with ours on
   what weight shapes cannot show (heads, activation, conv strides).
@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from d2v_jax import checkpoint, config as config_lib, ema
+from d2v_jax.hf import common as hf_common
 from d2v_jax.modality import load as load_modality
 
 # HF config fields that no weight shape reveals; a difference would silently change the model.
@@ -190,7 +191,7 @@ def load_hf(path: str, cfg, modality) -> dict:
   if hf_json is not None:
     check_structure(path, hf_json, cfg, hf_map)
   try:
-    return hf_map.load(path, cfg)
+    return hf_common.load(hf_map, path, cfg)
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f"init.hf={path!r}: {e}") from None
 

@@ -33,9 +33,12 @@ configs/common.base_config, with `modality` set to the name above). The contract
             probe set, preprocessed as in training without masking (python -m d2v_jax.probe).
           optional: tf_dataset(...) (the tf.data.Dataset behind build_dataset, for the input
             benchmark); LATE_DEFAULTS (values of data keys added after runs were written).
-  hf      (optional) FAMILIES (config.json model_type values it imports), ARCH (config.json
-            field -> our key), hf_config(cfg), export(params, cfg, out_dir, workdir),
-            load(path, cfg) -> {'embed', 'encoder'} params (d2v_jax/hf/common.py does the walk).
+  hf      (optional) the tables of its Hugging Face map: FAMILY, FAMILIES (config.json
+            model_type values it imports), ARCH (config.json field -> our key), PREFIXES, PROBE,
+            ARCHITECTURE, FLAX, table(cfg), check_representable(cfg), hf_config(cfg),
+            write_extra(cfg, out_dir, workdir); optional complete / complete_flax /
+            resolve_config for its special cases. d2v_jax/hf/common.py does the walk, the
+            shape checks, the export and the import for every modality.
 
 The FLOP model needs nothing per modality: d2v_jax/flops.py counts the embedder's matmuls on
 its traced forward.

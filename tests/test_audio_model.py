@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from d2v_jax import config as config_lib  # noqa: E402
 from d2v_jax.data import masking_audio  # noqa: E402
-from d2v_jax.hf import audio as hf_audio  # noqa: E402
+from d2v_jax.hf import audio as hf_audio, common  # noqa: E402
 from d2v_jax.models import audio as audio_model  # noqa: E402
 from d2v_jax.models import data2vec  # noqa: E402
 from tests.hf_utils import max_abs, perturb_, torch_state  # noqa: E402
@@ -92,7 +92,7 @@ def _params(cfg, hf_model, batch):
   model = data2vec.build(cfg, audio_model.build(cfg))
   abstract = nn_meta.unbox(jax.eval_shape(lambda k: model.init(
       {"params": k, "dropout": k}, batch, student=True, deterministic=True), jax.random.PRNGKey(0))["params"])
-  loaded = hf_audio.from_hf_state(torch_state(hf_model), cfg)
+  loaded = common.from_hf_state(hf_audio, torch_state(hf_model), cfg)
   for key in ("embed", "encoder"):
     assert jax.tree_util.tree_structure(loaded[key]) == jax.tree_util.tree_structure(abstract[key])
     assert (jax.tree_util.tree_map(np.shape, loaded[key])
@@ -163,7 +163,7 @@ def test_export_loads_in_pytorch(tmp_path):
   # non-trivial weights everywhere (perturbed HF init) so a swapped or dropped leaf would show
   params = _params(cfg, _hf_model(cfg, seed=2), batch)
   out_dir = str(tmp_path / "hf")
-  hf_audio.export(params, cfg, out_dir, str(tmp_path))
+  common.export(hf_audio, params, cfg, out_dir, str(tmp_path))
 
   model, info = transformers.Data2VecAudioModel.from_pretrained(
       out_dir, output_loading_info=True, attn_implementation="eager")
@@ -184,7 +184,7 @@ def test_export_loads_in_pytorch(tmp_path):
   print("export parity max abs:", err)
   assert err <= TOL
   # round trip: our loader reads the exported directory back to the same weights
-  back = hf_audio.load(out_dir, cfg)
+  back = common.load(hf_audio, out_dir, cfg)
   for key in ("embed", "encoder"):
     diff = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                   back[key], params[key])
@@ -195,7 +195,7 @@ def test_load_prefixed_unscanned_and_errors(tmp_path):
   cfg = _cfg(scan=False)
   hf_model = _hf_model(cfg, seed=3, cls=transformers.Data2VecAudioForCTC)
   hf_model.save_pretrained(str(tmp_path / "ctc"))
-  params = hf_audio.load(str(tmp_path / "ctc"), cfg)
+  params = common.load(hf_audio, str(tmp_path / "ctc"), cfg)
   assert "layers_1" in params["encoder"]
   np.testing.assert_array_equal(
       params["encoder"]["layers_1"]["block"]["fc2"]["kernel"],
@@ -205,11 +205,11 @@ def test_load_prefixed_unscanned_and_errors(tmp_path):
 
   wrong = _cfg(pos_kernel=17, scan=False)
   with pytest.raises(ValueError, match=r"encoder\.pos_conv_embed\.layers\.0\.conv\.weight.*\(32, 8, 19\).*\(32, 8, 17\)"):
-    hf_audio.load(str(tmp_path / "ctc"), wrong)
+    common.load(hf_audio, str(tmp_path / "ctc"), wrong)
   deeper = _cfg(scan=False)
   deeper.model.encoder.num_layers = 3
   with pytest.raises(ValueError, match=r"lacks 'encoder\.layers\.2\.attention\.q_proj\.weight'"):
-    hf_audio.load(str(tmp_path / "ctc"), deeper)
+    common.load(hf_audio, str(tmp_path / "ctc"), deeper)
   w2v = _cfg()
   w2v.model.pos_conv = "wav2vec2"
   with pytest.raises(config_lib.ConfigError, match="model.pos_conv='wav2vec2'"):

@@ -46,7 +46,7 @@ def export_random(cfg, batch, out_dir: str, workdir: str, seed: int = 0):
   rng = np.random.default_rng(seed)
   params = jax.tree_util.tree_unflatten(treedef, [x + rng.normal(0, 0.05, x.shape).astype(np.float32)
                                                   for x in leaves])
-  mod.hf().export(params, cfg, out_dir, workdir)
+  common.export(mod.hf(), params, cfg, out_dir, workdir)
   final = jax.jit(lambda p, b: model.apply({"params": p}, b, student=False, deterministic=True)["final"])(
       params, batch)
   return params, np.asarray(final)

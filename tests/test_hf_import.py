@@ -141,7 +141,7 @@ def test_hf_import_round_trip(modality, family, envs, tmp_path):
   state = init_weights.initial_params(cfg, built, fresh)
 
   hf_map = load_modality(modality).hf()
-  want = flatten_dict(hf_map.load(hf_dir, cfg), sep="/")
+  want = flatten_dict(common.load(hf_map, hf_dir, cfg), sep="/")
   params = host(state.params)
   assert_same({k: v for k, v in params.items() if not k.startswith("head/")}, want, "student")
   assert_same({k[5:]: v for k, v in params.items() if k.startswith("head/")}, fresh_head, "head")
@@ -160,7 +160,7 @@ def test_hf_import_round_trip(modality, family, envs, tmp_path):
   export.export(workdir, out)
   exported = load_file(os.path.join(out, "model.safetensors"))
   original = base_state(model)
-  names = set(hf_map.expected_shapes(cfg))
+  names = set(common.expected_shapes(hf_map, cfg))
   assert names <= set(exported)
   extra = set(exported) - names  # weights we export beyond what the import reads
   assert extra <= {"embeddings.mask_token", "masked_spec_embed"}, extra
@@ -201,8 +201,8 @@ def test_export_student_and_teacher(trained_run, tmp_path):
     out = export.export(workdir, str(tmp_path / weights), weights=weights)
     outs[weights] = load_file(os.path.join(out, "model.safetensors"))
   hf_text = load_modality("text").hf()
-  want = {"student": hf_text.to_hf_state(state.params, cfg, pooler=False),
-          "teacher": hf_text.to_hf_state(ema.teacher_params(state.params, state.teacher), cfg, pooler=False)}
+  want = {"student": common.to_hf_state(hf_text, state.params, cfg),
+          "teacher": common.to_hf_state(hf_text, ema.teacher_params(state.params, state.teacher), cfg)}
   for w in outs:
     assert_same(outs[w], want[w], w)
   diff = {k: float(np.abs(outs["student"][k] - outs["teacher"][k]).max()) for k in outs["student"]}
@@ -247,9 +247,12 @@ def test_import_mismatch_vision_audio(tmp_path):
   """The family / shape / structure checks run before anything is built (init.load_hf)."""
   vision = _hf_dir(tmp_path / "v", hf_model("data2vec-vision", vision_cfg()))
   # 32 px images: a 4x4 grid needs a (2*4-1)^2+3 = 52-row relative position table, not 228
+  # (the expected shapes are our model's own: its masks must fit the 16-patch grid)
+  small = vision_cfg(image_size=32)
+  small.data.min_mask_block = 4
   with pytest.raises(config_lib.ConfigError,
                      match=r"relative_position_bias_table' has shape \(228, 2\) .*expects \(52, 2\)"):
-    init_weights.load_hf(vision, vision_cfg(image_size=32), load_modality("vision"))
+    init_weights.load_hf(vision, small, load_modality("vision"))
   with pytest.raises(config_lib.ConfigError, match=r"'data2vec-vision' model .*a audio run imports data2vec-audio"):
     init_weights.load_hf(vision, audio_cfg(), load_modality("audio"))
   audio = _hf_dir(tmp_path / "a", hf_model("data2vec-audio", audio_cfg()))

@@ -66,7 +66,7 @@ def test_parity_with_hf_on_padded_batch(scan):
   torch.manual_seed(0)
   hf = Data2VecTextModel(hf_text.hf_config(cfg)).eval()
   perturb_(hf, seed=1)
-  params = hf_text.from_hf_state(torch_state(hf), cfg)
+  params = common.from_hf_state(hf_text, torch_state(hf), cfg)
 
   ids = padded_ids(cfg.model.vocab_size)
   valid = ids != 1
@@ -106,7 +106,7 @@ def test_export_round_trip(tmp_path):
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_unflatten(
       treedef, [x + rng.normal(0, 0.05, x.shape).astype(np.float32) for x in leaves])
-  hf_text.export(params, cfg, out_dir, workdir)
+  common.export(hf_text, params, cfg, out_dir, workdir)
 
   assert {"config.json", "model.safetensors", "flax_model.msgpack", "d2v_config.json",
           "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out_dir))
@@ -145,7 +145,7 @@ def test_export_round_trip(tmp_path):
   print(f"export: ours vs torch {err_pt:.2e}, flax vs torch {err_flax:.2e}")
   assert err_pt <= TOL and err_flax <= TOL
 
-  loaded = hf_text.load(out_dir, cfg)
+  loaded = common.load(hf_text, out_dir, cfg)
   assert_trees_equal(loaded, {k: v for k, v in params.items() if k != "head"})
 
 
@@ -153,42 +153,41 @@ def test_export_round_trip(tmp_path):
 def test_import_round_trip_is_exact(scan):
   cfg = tiny_cfg(scan)
   params = common.unbox(init_params(cfg))
-  state = hf_text.to_hf_state(params, cfg, seed=0)
-  assert set(state) == set(hf_text.expected_shapes(cfg)) | {"pooler.dense.weight", "pooler.dense.bias"}
-  for name, shape in hf_text.expected_shapes(cfg).items():
+  state = common.to_hf_state(hf_text, params, cfg)
+  assert set(state) == set(common.expected_shapes(hf_text, cfg))   # no pooler: never trained
+  for name, shape in common.expected_shapes(hf_text, cfg).items():
     assert state[name].shape == shape, name
   want = {"embed": params["embed"], "encoder": params["encoder"]}
-  assert_trees_equal(hf_text.from_hf_state(state, cfg), want)
+  assert_trees_equal(common.from_hf_state(hf_text, state, cfg), want)
   # HF head-model prefixes are accepted; extra heads / buffers are ignored
   for prefix in ("data2vec_text.", "roberta."):
     prefixed = {prefix + k: v for k, v in state.items()}
     prefixed["lm_head.bias"] = np.zeros(cfg.model.vocab_size, np.float32)
-    assert_trees_equal(hf_text.from_hf_state(prefixed, cfg), want)
+    assert_trees_equal(common.from_hf_state(hf_text, prefixed, cfg), want)
   # the other storage form holds the same layers
   other = tiny_cfg(not scan)
-  converted = hf_text.from_hf_state(state, other)
+  converted = common.from_hf_state(hf_text, state, other)
   assert_trees_equal(common.set_layers({}, common.layer_list(converted["encoder"]), scan), want["encoder"])
-  # the pooler is the seeded HF-style init: N(0, 0.02), zero bias
-  assert abs(state["pooler.dense.weight"].std() - 0.02) < 0.002
-  assert not state["pooler.dense.bias"].any()
-  np.testing.assert_array_equal(state["pooler.dense.weight"],
-                                hf_text.to_hf_state(params, cfg, seed=0)["pooler.dense.weight"])
+  # the Flax tree's pooler (FlaxRoberta needs one) is the seeded HF-style init: N(0, 0.02), zero bias
+  pooler = hf_text.pooler(cfg, seed=0)
+  assert abs(pooler["kernel"].std() - 0.02) < 0.002 and not pooler["bias"].any()
+  np.testing.assert_array_equal(pooler["kernel"], hf_text.pooler(cfg, seed=0)["kernel"])
 
 
 def test_mismatch_and_missing_raise():
   cfg = tiny_cfg()
-  state = hf_text.to_hf_state(init_params(cfg), cfg)
+  state = common.to_hf_state(hf_text, init_params(cfg), cfg)
   bad = dict(state)
   bad["encoder.layer.1.intermediate.dense.weight"] = np.zeros((255, 64), np.float32)
   with pytest.raises(ValueError, match=r"encoder\.layer\.1\.intermediate\.dense\.weight.*\(255, 64\).*\(256, 64\)"):
-    hf_text.from_hf_state(bad, cfg)
+    common.from_hf_state(hf_text, bad, cfg)
   missing = {k: v for k, v in state.items() if k != "encoder.layer.0.output.LayerNorm.bias"}
   with pytest.raises(ValueError, match=r"encoder\.layer\.0\.output\.LayerNorm\.bias"):
-    hf_text.from_hf_state(missing, cfg)
+    common.from_hf_state(hf_text, missing, cfg)
   with pytest.raises(ValueError, match=r"embeddings\.word_embeddings\.weight.*\(100, 64\).*\(120, 64\)"):
-    hf_text.from_hf_state(state, tiny_cfg(vocab=120))
+    common.from_hf_state(hf_text, state, tiny_cfg(vocab=120))
   with pytest.raises(ValueError, match="word_embeddings"):
-    hf_text.from_hf_state({"bert.embeddings.word_embeddings.weight": state["embeddings.word_embeddings.weight"]}, cfg)
+    common.from_hf_state(hf_text, {"bert.embeddings.word_embeddings.weight": state["embeddings.word_embeddings.weight"]}, cfg)
 
 
 def test_hf_config_fields_and_unrepresentable():
@@ -209,7 +208,7 @@ def test_hf_config_fields_and_unrepresentable():
 def test_export_without_tokenizer_says_where(tmp_path):
   cfg = tiny_cfg()
   with pytest.raises(ValueError, match="no tokenizer at .*tokenizer.*data.tokenizer"):
-    hf_text.export(init_params(cfg), cfg, str(tmp_path / "hf"), str(tmp_path / "work"))
+    common.export(hf_text, init_params(cfg), cfg, str(tmp_path / "hf"), str(tmp_path / "work"))
 
 
 def test_export_rejects_tokenizer_with_other_pad_id(tmp_path):
@@ -218,4 +217,4 @@ def test_export_rejects_tokenizer_with_other_pad_id(tmp_path):
   cfg = tiny_cfg(vocab=len(tok))
   cfg.model.pad_id = 0
   with pytest.raises(ValueError, match=r"pad_token_id=1 but model.pad_id=0"):
-    hf_text.export(init_params(cfg), cfg, str(tmp_path / "hf"), workdir)
+    common.export(hf_text, init_params(cfg), cfg, str(tmp_path / "hf"), workdir)

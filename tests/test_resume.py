@@ -177,10 +177,10 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4_continues_and_exports(set
     np.testing.assert_allclose(l4[s], l8[s], rtol=1e-5)
 
   # Export restores on one device; the HF weights are the checkpoint's, bit for bit.
-  from d2v_jax.hf import text as hf_text
+  from d2v_jax.hf import common, text as hf_text
   out = export_lib.export(work, str(tmp_path / "hf"))
   s4_final, _ = load_state(work)
-  back = hf_text.load(out, reliability_utils.run_config(work))
+  back = common.load(hf_text, out, reliability_utils.run_config(work))
   for name in ("embed", "encoder"):
     got = jax.tree_util.tree_leaves(back[name])
     want = jax.tree_util.tree_leaves(s4_final.params[name])

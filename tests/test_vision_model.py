@@ -170,7 +170,7 @@ def test_import_from_hf_matches_pytorch(tmp_path):
   cfg = tiny_cfg()
   hf = hf_model(cfg)
   hf.save_pretrained(str(tmp_path))
-  loaded = hf_vision.load(str(tmp_path), cfg)
+  loaded = common.load(hf_vision, str(tmp_path), cfg)
   params = full_params(cfg, loaded)
   x, m = photos(), masks()
   for mask in (None, m):   # teacher view, then the student with the mask token (bool_masked_pos)
@@ -182,7 +182,7 @@ def test_import_from_hf_matches_pytorch(tmp_path):
     assert max_abs(ours_last, ref_last) <= TOL      # after the final LayerNorm
     assert np.abs(ref_last).max() > 0.5             # not a degenerate comparison
   # Unscanned storage (one subtree per layer) holds the same weights as the stacked one.
-  flat = hf_vision.load(str(tmp_path), tiny_cfg(scan=False))
+  flat = common.load(hf_vision, str(tmp_path), tiny_cfg(scan=False))
   assert sorted(flat["encoder"]) == ["final_norm", "layers_0", "layers_1"]
   for i, block in enumerate(common.layer_list(loaded["encoder"])):
     for k, v in flatten_dict(block).items():
@@ -224,7 +224,7 @@ def test_teacher_targets_equal_hf_hidden_states(tmp_path):
   cfg = tiny_cfg(layers=3)
   hf = hf_model(cfg, seed=3)
   hf.save_pretrained(str(tmp_path))
-  params = full_params(cfg, hf_vision.load(str(tmp_path), cfg))
+  params = full_params(cfg, common.load(hf_vision, str(tmp_path), cfg))
   teacher = ema.teacher_view(params, cfg.teacher.ema_subtrees)
   assert set(teacher) == {"embed", "encoder"}
   x, m = photos(), masks()
@@ -250,7 +250,7 @@ def test_export_loads_in_pytorch_and_flax(tmp_path):
   cfg = tiny_cfg()
   params = random_params(cfg, seed=5)
   out = str(tmp_path / "hf")
-  hf_vision.export(params, cfg, out, str(tmp_path))
+  common.export(hf_vision, params, cfg, out, str(tmp_path))
   assert {"config.json", "model.safetensors", "flax_model.msgpack", "preprocessor_config.json",
           "d2v_config.json"} <= set(os.listdir(out))
 
@@ -295,7 +295,7 @@ def test_export_loads_in_pytorch_and_flax(tmp_path):
   assert all(e <= TOL for e in errors.values()), errors
 
   # Our load of our export gives back exactly the exported subtrees.
-  back = hf_vision.load(out, cfg)
+  back = common.load(hf_vision, out, cfg)
   fa, fb = flatten_dict(back), flatten_dict({k: params[k] for k in ("embed", "encoder")})
   assert set(fa) == set(fb)
   for k in fb:
@@ -312,25 +312,25 @@ def test_load_errors_name_the_weight(tmp_path, capsys):
   hf = hf_model(cfg)
   state = torch_state(hf)
   with pytest.raises(ValueError, match=r"lacks 'encoder\.layer\.2\.attention\.attention\.query\.weight'"):
-    hf_vision.from_hf_state(state, tiny_cfg(layers=3))
+    common.from_hf_state(hf_vision, state, tiny_cfg(layers=3))
   with pytest.raises(ValueError, match=r"encoder\.layer\.1\.layernorm_before\.weight' exists"):
-    hf_vision.from_hf_state(state, tiny_cfg(layers=1))
+    common.from_hf_state(hf_vision, state, tiny_cfg(layers=1))
   wide = tiny_cfg()
   wide.model.encoder.hidden = 48
   with pytest.raises(ValueError, match=r"'embeddings\.patch_embeddings\.projection\.weight' has shape"):
-    hf_vision.from_hf_state(state, wide)
+    common.from_hf_state(hf_vision, state, wide)
   with pytest.raises(ValueError, match="layer_scale"):
-    hf_vision.from_hf_state({k: v for k, v in state.items() if "lambda" not in k}, cfg)
+    common.from_hf_state(hf_vision, {k: v for k, v in state.items() if "lambda" not in k}, cfg)
   # Fine-tuned layout: per-layer tables, no shared one.
   per_layer = {k: v for k, v in state.items() if "relative_position_bias" not in k}
   per_layer["encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table"] = \
       state[hf_vision.REL_TABLE]
   with pytest.raises(ValueError, match="per-layer relative position"):
-    hf_vision.from_hf_state(per_layer, cfg)
+    common.from_hf_state(hf_vision, per_layer, cfg)
   # BEiT-prefixed names load; a missing mask token (official conversions) is created.
   prefixed = {"beit." + k: v for k, v in state.items() if k != "embeddings.mask_token"}
   prefixed["lm_head.weight"] = np.zeros((8, 32), np.float32)
-  params = hf_vision.from_hf_state(prefixed, cfg)
+  params = common.from_hf_state(hf_vision, prefixed, cfg)
   assert "no embeddings.mask_token" in capsys.readouterr().err
   new_token = params["embed"]["mask_token"]
   assert new_token.shape == (32,) and 0 < np.abs(new_token).max() <= 0.04

@@ -75,8 +75,9 @@ def hf_model(cfg, state: dict[str, np.ndarray]):
 
 
 def to_hf_state(params, cfg) -> dict[str, np.ndarray]:
-  import importlib
-  return importlib.import_module(f"d2v_jax.hf.{cfg.modality}").to_hf_state(params, cfg)
+  from d2v_jax.hf import common
+  from d2v_jax.modality import load
+  return common.to_hf_state(load(cfg.modality).hf(), params, cfg)
 
 
 class Head(torch.nn.Module):
