@@ -113,6 +113,7 @@ def get_config(arg: str | None = None):
   c.data.source = "tfds"             # files | tfrecord | tfds
   c.data.path = "librispeech"        # tfds name / directory, or a glob of audio files / TFRecords
   c.data.split = "train_clean100+train_clean360+train_other500"
+  c.data.tfds_data_dir = ""          # tfds data_dir; empty: the tfds default
   c.data.audio_key = "speech"        # tfds LibriSpeech; "audio" is usual in TFRecords
   c.data.rate_key = "sample_rate"    # optional int64 feature of TFRecords
   c.data.sample_rate = 16_000

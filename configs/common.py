@@ -85,7 +85,6 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.log_every = 10
   c.batch_size = 256                 # global, across all processes
   c.dtype = "float32"                # compute dtype; params, teacher and optimizer stay float32
-  c.export_after = False             # write an HF directory at the end of training
   # Training objective (d2v_jax/objectives.py): v1 = data2vec 1.0 (student encodes the whole
   # masked input, regression head); v2 = data2vec 2.0 (M masked clones per example, the
   # student encodes only the visible tokens, a conv decoder predicts the masked ones).

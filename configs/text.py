@@ -95,13 +95,14 @@ def get_config(arg: str | None = None):
   c.data.vocab_size = 50265          # size of the BPE trained when no tokenizer is given
   c.data.block_size = 512            # tokens per example, incl. <s> and </s>
   mask_prob, span, rand, keep = MASKING[args["masking"]]
-  c.data.masking = args["masking"]
   c.data.mask_prob = mask_prob
   c.data.span = span
   c.data.random_token_prob = rand
   c.data.leave_unmasked_prob = keep
   c.data.max_unk_frac = 0.05         # stop when more of the prepared corpus is unknown tokens
   c.data.cache_dir = ""              # where tokenized blocks are cached; empty: WORKDIR/data_cache
+  c.data.tfds_data_dir = ""          # tfds data_dir (data.source=tfds); empty: the tfds default
+  c.data.threads = 0                 # tf.data private thread pool; 0: tf.data's default
 
   if args["variant"] == "large":
     c.optim.lr = 1e-4

@@ -16,6 +16,7 @@ import numpy as np
 from absl import flags
 
 from d2v_jax import build as build_lib, checkpoint, config as config_lib, metrics
+from d2v_jax.data import text_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the", "lord", "said", "unto", "moses", "and", "they", "went", "into", "land", "of",
@@ -38,7 +39,7 @@ def text_setup(tmp_dir: str) -> dict:
   from d2v_jax.data import text as text_data
   corpus = write_corpus(os.path.join(tmp_dir, "corpus.txt"))
   tok = os.path.join(tmp_dir, "tokenizer")
-  text_data.train_tokenizer(open(corpus).read().splitlines(), 300, tok)
+  text_tokenizer.train_tokenizer(open(corpus).read().splitlines(), 300, tok)
   return {"corpus": corpus, "tokenizer": tok, "cache": os.path.join(tmp_dir, "cache")}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from d2v_jax import config as config_lib
+from d2v_jax.data import audio_buckets
 from d2v_jax.data import audio
 
 RATE = 16_000
@@ -39,9 +40,9 @@ def test_buckets_remove_padding_on_librispeech_lengths():
   cfg = config_lib.load_file("configs/audio.py:variant=base")
   crops = audio.crop_lengths(cfg)
   assert crops == tuple(s * RATE for s in range(2, 21, 2))
-  plan = audio.make_plan(lengths, crops, cfg.batch_size, 8)
-  stats = audio.plan_stats(lengths, plan)
-  single = audio.plan_stats(lengths, audio.make_plan(lengths, (cfg.data.max_samples,), cfg.batch_size,
+  plan = audio_buckets.make_plan(lengths, crops, cfg.batch_size, 8)
+  stats = audio_buckets.plan_stats(lengths, plan)
+  single = audio_buckets.plan_stats(lengths, audio_buckets.make_plan(lengths, (cfg.data.max_samples,), cfg.batch_size,
                                                      8, padded=True))
   print(f"mean {secs.mean():.1f} s; buckets: {stats}; single padded shape: {single}")
   assert stats["padded_fraction"] < 0.05 and stats["padded_fraction"] == 0.0
@@ -61,7 +62,7 @@ def test_buckets_remove_padding_on_librispeech_lengths():
 def test_small_buckets_fold_down():
   """A bucket with fewer clips than one batch hands its clips to the next smaller bucket."""
   lengths = np.array([5_000] * 20 + [9_000] * 3 + [17_000] * 6)
-  plan = audio.make_plan(lengths, CROPS, 4, 2)
+  plan = audio_buckets.make_plan(lengths, CROPS, 4, 2)
   assert plan.batch == (16, 8, 4) and plan.count == (23, 0, 6)
   assert plan.active == [0, 2] and plan.per_epoch == (1, 0, 2)
 
@@ -112,7 +113,7 @@ def test_one_shape_per_bucket_and_schedule(wav_dir, tmp_path):
   assert plan.crops == CROPS and plan.batch == (16, 8, 4) and plan.count == (20, 12, 10)
   assert plan.per_epoch == (1, 2, 3)                    # round(20/16), round(12/8), round(10/4)
   epoch = sum(plan.per_epoch)
-  bucket_of, batch_ids = audio._step_fns(cfg, plan, 0, 1)
+  bucket_of, batch_ids = audio_buckets.step_fns(cfg, plan, 0, 1)
   steps = [(CROPS[int(bucket_of(s))], batch_ids(s).numpy()) for s in range(8 * epoch)]
   for s in range(3):  # the public helper gives the same answer
     crop, ids = audio.batch_indices(cfg, w, s)
@@ -143,7 +144,7 @@ def test_resume_across_a_bucket_change_and_disjoint_shards(wav_dir, tmp_path):
   cfg = _cfg(wav_dir)
   w = str(tmp_path)
   plan = audio.bucket_plan(cfg, w)
-  one, *two = (audio._step_fns(cfg, plan, p, n) for p, n in ((0, 1), (0, 2), (1, 2)))
+  one, *two = (audio_buckets.step_fns(cfg, plan, p, n) for p, n in ((0, 1), (0, 2), (1, 2)))
   crops = [CROPS[int(one[0](s))] for s in range(8)]
   s = next(i for i in range(2, 6) if crops[i] != crops[i - 1])
   full = _take(cfg, w, s + 3)

@@ -14,7 +14,7 @@ import pytest
 
 from d2v_jax import config as config_lib
 from d2v_jax.config import ConfigError
-from d2v_jax.data import audio
+from d2v_jax.data import audio, audio_index
 
 RATE = 16_000
 
@@ -95,22 +95,23 @@ def test_folder_of_compressed_files_is_indexed_and_decoded(tmp_path, fmt, codec)
 
 
 def test_progress_line_and_bad_files_skipped(tmp_path, capsys, monkeypatch):
-  """A progress line (counts, rate, ETA) for indexing; with data.on_bad_file=skip the first
-  unreadable file is named in one warning, later ones only counted; by default the first
-  one stops the run naming its path."""
+  """A progress line (counts, rate, ETA) for indexing; with data.on_bad_file=skip every
+  unreadable file is named in one warning on stderr (sources.BadRecords); by default the
+  first one stops the run naming its path."""
   for i in range(4):
     _wav(tmp_path / f"ok{i}.wav", 8_000, 300.0 + 50 * i)
   (tmp_path / "bad1.wav").write_bytes(b"not audio at all" * 8)
   (tmp_path / "bad2.wav").write_bytes(b"")
-  monkeypatch.setattr(audio, "PROGRESS_SECONDS", 0.0)
+  monkeypatch.setattr(audio_index, "PROGRESS_SECONDS", 0.0)
   idx = audio.index(_cfg(str(tmp_path), on_bad_file="skip"), None)
-  out = capsys.readouterr().out
+  captured = capsys.readouterr()
+  out, err = captured.out, captured.err
   assert idx["skipped_bad"] == 2 and len(idx["paths"]) == 4
   progress = [line for line in out.splitlines() if line.startswith("audio index: ") and "ETA" in line]
   assert len(progress) >= 4 and progress[-1].startswith("audio index: 5/6 files (83%), 2 skipped")
-  warnings = [line for line in out.splitlines() if line.startswith("warning:")]
-  assert len(warnings) == 1 and str(tmp_path / "bad1.wav") in warnings[0]
-  assert "bad2.wav" not in out
+  warnings = [line for line in err.splitlines() if line.startswith("warning: skipped bad audio file")]
+  assert len(warnings) == 2 and str(tmp_path / "bad1.wav") in warnings[0]
+  assert str(tmp_path / "bad2.wav") in warnings[1] and "is empty (0 bytes)" in warnings[1]
   assert "audio index: 6 files in " in out and "4 kept, 0 shorter" in out and "2 unreadable (skipped)" in out
-  with pytest.raises(ConfigError, match=r"bad1\.wav cannot be read"):
+  with pytest.raises(ConfigError, match=r"bad1\.wav: cannot be read"):
     audio.index(_cfg(str(tmp_path)), None)

@@ -55,7 +55,7 @@ def _empty(path):
      "data.block_size=600 needs 602 positions but model.max_positions=514, lower block_size or "
      "raise max_positions"),
     ({"data.path": "/nonexistent/corpus-*.txt"},
-     "data.path='/nonexistent/corpus-*.txt' matches no file; check the glob"),
+     "data.path='/nonexistent/corpus-*.txt' matches no text file; check the path"),
     ({"data.path": "EMPTY"}, "is empty (0 bytes); remove it or fix data.path"),
     ({"guards.nonfinite_policy": "retry"},
      "guards.nonfinite_policy='retry' must be one of ('stop', 'rollback')"),
@@ -163,8 +163,7 @@ def test_corrupt_image_stops_with_its_name(tmp_path):
                                   **{"data.on_bad_image": "stop"})), run)
   msg = str(e.value)
   assert msg.startswith(f"bad image {bad}: ") and "\n" not in msg
-  assert msg.endswith("(data.on_bad_image='stop'; fix or remove the file, or set "
-                      "--config.data.on_bad_image=skip)")
+  assert msg.endswith("; fix or remove it, or set --config.data.on_bad_image=skip")
 
 
 @pytest.mark.slow
@@ -179,7 +178,7 @@ def test_unreadable_audio_file_is_named(tmp_path):
       train.run(parse(audio_args(wavs, total_steps=4)), run)
   # Not RIFF, so it goes to ffmpeg (or: "ffmpeg is not installed ..." where it is missing).
   msg = str(e.value)
-  assert msg.startswith(f"audio file {bad} cannot be read: ") and "\n" not in msg, msg
+  assert msg.startswith(f"bad audio file {bad}: cannot be read (") and "\n" not in msg, msg
   assert "ffmpeg cannot decode it: " in msg or "ffmpeg is not installed" in msg
 
 

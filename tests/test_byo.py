@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from d2v_jax import config as config_lib, console
+from d2v_jax.data import text_tokenizer
 from d2v_jax.probe import cli as probe_cli
 from d2v_jax.data import audio, vision
 from reliability_utils import ROOT, write_corpus, write_wavs
@@ -144,7 +145,7 @@ def test_every_decodable_image_format_is_read_by_trainer_and_probe(tmp_path):
   assert len(files) == 6 and not any(f.endswith(".txt") for f in files)
   it = vision.build_dataset(cfg, str(tmp_path / "w"), start_step=0, process_index=0, process_count=1)
   batch = next(it)
-  assert it.bad_images == 0 and batch["mask"].sum(1).tolist() == [7] * 6
+  assert it.bad.count == 0 and batch["mask"].sum(1).tolist() == [7] * 6
   ds = probe_cli.load_labelled(cfg, None, str(tmp_path))
   assert sorted(ds.names) == files and ds.arrays["image"].shape == (6, 32, 32, 3)
   with pytest.raises(config_lib.ConfigError, match=r"data.extensions holds \['.tiff'\]"):
@@ -159,7 +160,7 @@ def test_cpu_run_prints_only_its_own_lines(tmp_path):
   variables set: the first line is the trainer's own, and no start-up noise line appears."""
   from d2v_jax.data import text as text_data
   corpus = write_corpus(str(tmp_path / "c.txt"), lines=300)
-  text_data.train_tokenizer(open(corpus).read().splitlines(), 300, str(tmp_path / "tok"))
+  text_tokenizer.train_tokenizer(open(corpus).read().splitlines(), 300, str(tmp_path / "tok"))
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JAX_", "TF_", "TPU_", "XLA_", "GRPC_", "ABSL_"))}
   env["PYTHONPATH"] = ROOT

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from d2v_jax import build as build_lib, eval_hook, health, metrics as metrics_lib, targets as T, validate
+from d2v_jax.data import text_tokenizer
 from d2v_jax.config import ConfigError
 from d2v_jax.probe import features, rank as rankme
 from d2v_jax.data import text as text_data
@@ -206,7 +207,7 @@ def _tiny_text_run(tmp_path, rank_every: int, probe_every: int):
   tsv = tmp_path / "probe.tsv"
   tsv.write_text("".join(f"{t}\t{y}\n" for t, y in lines))
   tok_dir = str(tmp_path / "tok")
-  text_data.train_tokenizer([t for t, _ in lines] * 5, 300, tok_dir)
+  text_tokenizer.train_tokenizer([t for t, _ in lines] * 5, 300, tok_dir)
   cfg = tiny_text_config()
   cfg.data.tokenizer = tok_dir
   cfg.model.vocab_size = len(text_data.load_tokenizer(tok_dir))

@@ -24,6 +24,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from d2v_jax import config as config_lib
+from d2v_jax.data import text_corpus
 from d2v_jax.data import audio as audio_data, text as text_data, vision as vision_data
 from d2v_jax.modality import load as load_modality
 from hf_utils import SENTENCES, max_abs
@@ -54,10 +55,10 @@ def test_text_tokenizer_and_packing(tmp_path):
   raw.write_text("\n\n".join(RAW_TEXT) + "\n")
   single = config_lib.from_dict(config_lib.to_dict(cfg))
   single.data.path = str(raw)
-  stream = text_data.token_stream(single, tok)
+  stream = text_corpus.token_stream(single, tok)
   ends = np.flatnonzero(stream == tok.sep_token_id)
   docs = np.split(stream, ends + 1)[:-1]
-  rows = [text_data.pack(d[:-1], len(d) + 1, tok.cls_token_id, tok.sep_token_id)[0] for d in docs]
+  rows = [text_corpus.pack(d[:-1], len(d) + 1, tok.cls_token_id, tok.sep_token_id)[0] for d in docs]
   ours_ids = np.full((len(rows), max(map(len, rows))), cfg.model.pad_id, np.int64)
   for r, row in enumerate(rows):
     ours_ids[r, :len(row)] = row

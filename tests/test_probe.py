@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from d2v_jax import config as config_lib
+from d2v_jax.data import text_tokenizer
 from d2v_jax.data import audio, labelled, vision
 from d2v_jax.probe import cli as probe_cli, features, fit
 from d2v_jax.config import ConfigError
@@ -135,7 +136,7 @@ def test_cli_random_init_text_run(tmp_path, capsys):
   tsv = tmp_path / "p.tsv"
   tsv.write_text("".join(f"{t}\t{y}\n" for t, y in rows))
   run = tmp_path / "run"
-  text_data.train_tokenizer([t for t, _ in rows] * 5, 300, str(run / "tokenizer"))
+  text_tokenizer.train_tokenizer([t for t, _ in rows] * 5, 300, str(run / "tokenizer"))
   cfg = tiny_text_config()
   cfg.model.vocab_size = len(text_data.load_tokenizer(str(run / "tokenizer")))
   config_lib.write_resolved(cfg, str(run))

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from d2v_jax.config import ConfigError, load_file
+from d2v_jax.data import text_corpus, text_tokenizer
 from d2v_jax.data import order, text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def test_tokenizer_is_autotokenizer_loadable_and_deterministic(kjv, kjv_path, tm
   assert ids[0] == 0 and ids[-1] == 2 and len(ids) < 12  # merges learned: words, not bytes
   assert tok.decode(ids, skip_special_tokens=True) == "In the beginning God created the heaven"
   # Same corpus -> byte-identical tokenizer.
-  text.train_tokenizer(text._text_units(cfg), 4096, str(tmp_path / "again"))
+  text_tokenizer.train_tokenizer(text_corpus.text_units(cfg), 4096, str(tmp_path / "again"))
   for name in ("tokenizer.json", "vocab.json", "merges.txt"):
     with open(os.path.join(workdir, "tokenizer", name), "rb") as a:
       assert a.read() == (tmp_path / "again" / name).read_bytes(), name
@@ -54,7 +55,7 @@ def test_tokenizer_is_autotokenizer_loadable_and_deterministic(kjv, kjv_path, tm
 def test_packing(kjv, kjv_path):
   cfg, workdir = kjv
   tok = text.resolve_tokenizer(cfg, workdir)
-  stream = text.token_stream(cfg, tok)
+  stream = text_corpus.token_stream(cfg, tok)
   # One </s> per document: groups of non-blank lines separated by blank lines.
   with open(kjv_path) as f:
     lines = [line.strip() for line in f]
@@ -62,7 +63,7 @@ def test_packing(kjv, kjv_path):
              if line and (i + 1 == len(lines) or not lines[i + 1]))
   assert (stream == 2).sum() == docs
   assert not np.isin(stream, [0, 1, 4095]).any()
-  blocks = np.load(text._blocks(cfg, workdir, tok))
+  blocks = np.load(text_corpus.blocks(cfg, workdir, tok))
   assert blocks.dtype == np.int32 and blocks.shape == (len(stream) // 126, 128)
   assert (blocks[:, 0] == 0).all() and (blocks[:, -1] == 2).all()
   np.testing.assert_array_equal(blocks[:, 1:-1].ravel(), stream[: blocks.shape[0] * 126])
@@ -149,8 +150,8 @@ def test_tfrecord_source_matches_files(tmp_path, kjv):
           "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[d.encode()]))}))
       w.write(ex.SerializeToString())
   tok = text.resolve_tokenizer(cfg, workdir)
-  a = text.token_stream(config(source="files", path=str(tmp_path / "a.txt")), tok)
-  b = text.token_stream(config(source="tfrecord", path=str(tmp_path / "*.tfrecord")), tok)
+  a = text_corpus.token_stream(config(source="files", path=str(tmp_path / "a.txt")), tok)
+  b = text_corpus.token_stream(config(source="tfrecord", path=str(tmp_path / "*.tfrecord")), tok)
   np.testing.assert_array_equal(a, b)
   assert (a == 2).sum() == len(docs)
 
@@ -165,7 +166,7 @@ def test_errors(tmp_path, kjv):
   for f in (empty, blank):
     with pytest.raises(ConfigError, match=f"text file {f} is empty"):
       text.prepare(config(path=str(f), tokenizer=tokdir), str(tmp_path / "w"))
-  with pytest.raises(ConfigError, match="matches no file"):
+  with pytest.raises(ConfigError, match="matches no text file"):
     text.prepare(config(path=str(tmp_path / "nothing*.txt")), str(tmp_path / "w"))
   small = tmp_path / "small.txt"
   small.write_text("In the beginning\n")
@@ -261,8 +262,8 @@ def test_given_tokenizer_is_used_without_its_padding_and_truncation(bert_dir, kj
     want.append(3)                       # [SEP] ends a document
   want = np.asarray(want, np.int32)
   tok_loaded = text.resolve_tokenizer(cfg, str(tmp_path / "w"))
-  np.testing.assert_array_equal(text.token_stream(cfg, tok_loaded), want)
-  blocks = np.load(text._blocks(cfg, str(tmp_path / "w"), tok_loaded))
+  np.testing.assert_array_equal(text_corpus.token_stream(cfg, tok_loaded), want)
+  blocks = np.load(text_corpus.blocks(cfg, str(tmp_path / "w"), tok_loaded))
   assert blocks.shape == (len(want) // 126, 128)
   np.testing.assert_array_equal(blocks[:, 1:-1].ravel(), want[: blocks.shape[0] * 126])
   assert (blocks[:, 0] == 2).all() and (blocks[:, -1] == 3).all()
@@ -273,7 +274,7 @@ def test_given_tokenizer_is_used_without_its_padding_and_truncation(bert_dir, kj
 
   full = config(path=kjv_path, tokenizer=bert_dir)
   text.prepare(full, str(tmp_path / "w"))
-  stats = text._read_stats(text._blocks(full, str(tmp_path / "w"), tok_loaded))
+  stats = text_corpus.read_stats(text_corpus.blocks(full, str(tmp_path / "w"), tok_loaded))
   assert stats["tokens"] > 1_000_000 and stats["unk_frac"] < 0.01, stats
   assert "% unknown tokens" in capsys.readouterr().out
 
@@ -302,8 +303,8 @@ def test_wrong_tokenizer_trips_the_unknown_token_guard(kjv_path, tmp_path):
 def test_progress_lines(kjv, monkeypatch, capsys, tmp_path):
   """Caching prints progress lines with counts, share done and ETA when it takes long."""
   cfg, workdir = kjv
-  monkeypatch.setattr(text, "PROGRESS_AFTER", 0.0)
-  monkeypatch.setattr(text, "PROGRESS_EVERY", 0.0)
+  monkeypatch.setattr(text_corpus, "PROGRESS_AFTER", 0.0)
+  monkeypatch.setattr(text_corpus, "PROGRESS_EVERY", 0.0)
   small = tmp_path / "s.txt"
   with open(cfg.data.path) as f:
     small.write_text("".join(next(f) for _ in range(9000)))
@@ -320,8 +321,8 @@ def test_progress_lines(kjv, monkeypatch, capsys, tmp_path):
 def test_tokenizer_training_progress_lines(monkeypatch, capsys, tmp_path, kjv_path):
   """Training a tokenizer prints lines for reading (counts, ETA) and, while the merges are
   computed inside `tokenizers`, a periodic elapsed-time line, then a done line."""
-  monkeypatch.setattr(text, "PROGRESS_AFTER", 0.0)
-  monkeypatch.setattr(text, "PROGRESS_EVERY", 0.02)
+  monkeypatch.setattr(text_corpus, "PROGRESS_AFTER", 0.0)
+  monkeypatch.setattr(text_corpus, "PROGRESS_EVERY", 0.02)
   small = tmp_path / "s.txt"
   with open(kjv_path) as f:
     small.write_text("".join(next(f) for _ in range(20000)))

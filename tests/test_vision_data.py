@@ -70,7 +70,7 @@ def test_files_batches_shapes_masks_and_stats(photo_dir):
   lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
   assert (imgs >= lo - 1e-5).all() and (imgs <= hi + 1e-5).all()
   assert np.abs(imgs.mean((0, 1, 2))).max() < 0.8 and (imgs.std((0, 1, 2)) > 0.5).all()
-  assert it.bad_images == 0
+  assert it.bad.count == 0
   # Every epoch (6 examples = 1 batch) shows each photo once: 6 different images.
   assert len({im.tobytes() for im in out[0]["image"]}) == 6
 
@@ -196,7 +196,7 @@ def test_tfds_source(tmp_path):
     assert b["image"].shape == (3, 32, 32, 3) and b["mask"].sum() == 21
   for x, y in zip(a[2:], resumed):
     np.testing.assert_array_equal(x["image"], y["image"])
-  assert it.bad_images == 0
+  assert it.bad.count == 0
   missing = cfg_for("d2v_no_such_ds", source="tfds", tfds_data_dir=str(tmp_path))
   with pytest.raises(ConfigError, match="d2v_no_such_ds"):
     batches(missing, 1)
@@ -222,7 +222,7 @@ def test_bad_images_are_counted_and_skipped(bad_dir, capfd):
   path, bad = bad_dir
   cfg = cfg_for(path, batch=8)   # 8 files: each batch is one epoch
   out, it = batches(cfg, 2)
-  assert it.bad_images == 8 and sorted(it.bad_paths) == bad   # 2 epochs: 8 skips, 4 files
+  assert it.bad.count == 8 and sorted(it.bad.paths) == bad   # 2 epochs: 8 skips, 4 files
   err = capfd.readouterr().err
   for p in bad:
     assert err.count(f"skipped bad image {p}:") == 1   # warned once; the second epoch only counts
@@ -266,7 +266,7 @@ def test_runlocal_config_on_real_photos():
   out, it = batches(cfg, 2)
   assert out[0]["image"].shape == (16, 64, 64, 3)
   np.testing.assert_array_equal(out[1]["mask"].sum(1), 39)
-  assert it.bad_images == 0
+  assert it.bad.count == 0
   ex = V.example_batch(cfg, 5)
   assert ex["image"].shape == (5, 64, 64, 3) and ex["mask"].shape == (5, 64)
   np.testing.assert_array_equal(ex["mask"].sum(1), 39)
@@ -300,5 +300,5 @@ def test_validate_names_the_key(photo_dir, key, value, match):
 
 
 def test_empty_source_is_a_config_error(tmp_path):
-  with pytest.raises(ConfigError, match="holds no image file"):
+  with pytest.raises(ConfigError, match="matches no image file"):
     batches(cfg_for(str(tmp_path)), 1)

@@ -28,7 +28,11 @@ import argparse
 import os
 import time
 
+import numpy as np
+
 from d2v_jax import bench
+from d2v_jax.data import audio
+from d2v_jax.data.masking_audio import conv_output_length
 
 # Default configs per modality: the local corpus of `runlocal` at the production sequence shape.
 DEFAULTS = {
@@ -137,6 +141,36 @@ def _configs(args, modality: str) -> tuple[list[tuple], list[str], bool]:
   return out, sets, True
 
 
+class BatchStats:
+  """Running totals over audio batches: batches, examples, mask positions, real (unpadded)
+  seconds, padded share of the conv frames (what the encoder computes on), batch shapes."""
+
+  def __init__(self, cfg):
+    self.cfg, self.real_samples, self.real_frames, self.frames = cfg, 0, 0, 0
+    self.batches, self.examples, self.positions = 0, 0, 0
+    self.shapes: set = set()
+
+  def add(self, batch: dict) -> None:
+    b, s = batch["audio"].shape
+    m = self.cfg.model
+    self.batches += 1
+    self.examples += b
+    self.positions += batch["mask"].size
+    self.real_samples += int(batch["audio_len"].sum())
+    self.real_frames += int(conv_output_length(batch["audio_len"].astype(np.int64), m.conv_kernels,
+                                               m.conv_strides).sum())
+    self.frames += b * audio.frames(self.cfg, s)
+    self.shapes.add((b, s))
+
+  @property
+  def audio_seconds(self) -> float:
+    return self.real_samples / self.cfg.data.sample_rate
+
+  @property
+  def padded_fraction(self) -> float:
+    return 1.0 - self.real_frames / max(self.frames, 1)
+
+
 def main(args: argparse.Namespace) -> int:
   import tensorflow as tf
 
@@ -174,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
           opts.threading.private_threadpool_size = 1
           opts.threading.max_intra_op_parallelism = 1
           opts.autotune.cpu_budget = 1
-        stats = mod.data.BatchStats(cfg) if m == "audio" else None
+        stats = BatchStats(cfg) if m == "audio" else None
         rounds, b, positions = _measure(ds.with_options(opts), warmup, batches, repeats,
                                         stats.add if stats else None)
         secs = min(rounds)

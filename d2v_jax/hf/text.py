@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 
-from d2v_jax.data import text as text_data
+from d2v_jax.data import sources, text as text_data
 from d2v_jax.hf import common
 from d2v_jax.hf.common import Table
 
@@ -117,7 +117,7 @@ def complete_flax(tree: dict, cfg) -> dict:
 def _write_tokenizer(cfg, workdir: str, out_dir: str):
   """Copies the run's tokenizer files into out_dir; returns the tokenizer loaded from there."""
   from transformers import AutoTokenizer
-  src = cfg.data.tokenizer or os.path.join(text_data._local_dir(workdir), "tokenizer")
+  src = cfg.data.tokenizer or os.path.join(sources.local_dir(workdir), "tokenizer")
   if os.path.isdir(src):
     for name in sorted(os.listdir(src)):
       path = os.path.join(src, name)
