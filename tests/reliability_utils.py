@@ -36,7 +36,6 @@ def write_corpus(path: str, lines: int = 600, seed: int = 0) -> str:
 
 def text_setup(tmp_dir: str) -> dict:
   """Corpus, tokenizer and block cache shared by every run of a session."""
-  from d2v_jax.data import text as text_data
   corpus = write_corpus(os.path.join(tmp_dir, "corpus.txt"))
   tok = os.path.join(tmp_dir, "tokenizer")
   text_tokenizer.train_tokenizer(open(corpus).read().splitlines(), 300, tok)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from d2v_jax.bench import __main__ as dispatcher
-from d2v_jax.bench import mfu, profile, setups
+from d2v_jax import flops
+from d2v_jax.bench import profile, setups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,20 +51,23 @@ def test_mfu_quick_table(tmp_path):
   p = _run(tmp_path, "mfu", "--quick")
   (row,) = p["rows"]
   _cols(row, ["GFLOP analytic", "GFLOP xla", "step ms", "peak GFLOP/s", "MFU %", "MFU % xla"])
-  cfg = setups.config("text", "tiny", batch_size=setups.QUICK_BATCH, overrides=setups.QUICK)
-  assert row["GFLOP analytic"] == pytest.approx(mfu.step_flops(cfg) / 1e9)
+  s = setups.make("text", "tiny", batch_size=setups.QUICK_BATCH, overrides=setups.QUICK)
+  assert row["GFLOP analytic"] == pytest.approx(flops.model_flops(s.built, s.global_batch)[0]["total"] / 1e9)
   # XLA counts every op; the analytic count only matmuls: same order of magnitude.
   assert 0.8 < row["GFLOP xla"] / row["GFLOP analytic"] < 3
   assert row["MFU %"] == pytest.approx(100 * row["GFLOP/s"] / row["peak GFLOP/s"])
 
 
 def test_analytic_flops_by_hand():
-  """text tiny, batch 4 x 128 tokens: 2 layers x (4 D^2 + 2 D F) + attention, 2-layer head."""
-  cfg = setups.config("text", "tiny", batch_size=4)
+  """text tiny, batch 4 x 128 tokens: 2 layers x (4 D^2 + 2 D F) + attention, 2-layer head;
+  the embedding lookup is no matmul (d2v_jax/flops.py, the one model of compile and mfu)."""
+  s = setups.make("text", "tiny", batch_size=4)
   n, t, d, f = 4 * 128, 128, 64, 256
   layer = 2 * n * (4 * d * d + 2 * d * f) + 2 * 2 * n * t * d
   head = 2 * n * (d * 2 * d + 2 * d * d)
-  assert mfu.step_flops(cfg) == pytest.approx(2 * layer + 3 * (2 * layer + head))
+  model, seq_len = flops.model_flops(s.built, s.global_batch)
+  assert seq_len == t
+  assert model["total"] == pytest.approx(2 * layer + 3 * (2 * layer + head))
 
 
 def test_compile_quick_table(tmp_path):

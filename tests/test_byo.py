@@ -158,7 +158,6 @@ def test_every_decodable_image_format_is_read_by_trainer_and_probe(tmp_path):
 def test_cpu_run_prints_only_its_own_lines(tmp_path):
   """`python -m d2v_jax.train` on CPU with libtpu / TF installed and none of the quieting
   variables set: the first line is the trainer's own, and no start-up noise line appears."""
-  from d2v_jax.data import text as text_data
   corpus = write_corpus(str(tmp_path / "c.txt"), lines=300)
   text_tokenizer.train_tokenizer(open(corpus).read().splitlines(), 300, str(tmp_path / "tok"))
   env = {k: v for k, v in os.environ.items()

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from d2v_jax import compile as C
+from d2v_jax import aot, batch_search, compile as C, flops, scale_table
 from step_utils import tiny_text_config
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -49,7 +49,7 @@ def test_analytic_flops_hand_count():
   teacher 2 blocks, student 2 blocks + head, backward 2x the student:
   2048 * (229376 + 3 * 262144) = 2080374784."""
   cfg = tiny_text_config()
-  f = C.analytic_flops(cfg, batch=32, seq_len=64)
+  f = flops.analytic_flops(cfg, batch=32, seq_len=64)
   assert f["teacher_fwd"] == 2048 * 229376
   assert f["student_bwd"] == 2 * f["student_fwd"] == 2 * 2048 * 262144
   assert f["total"] == 2080374784
@@ -65,7 +65,7 @@ def _check_honest_lines(text: str):
   assert "MFU" not in text and "estimate" not in text.lower()
 
 
-def _check_figures(r: C.Report, n_devices: int):
+def _check_figures(r: aot.Report, n_devices: int):
   mem = r.memory
   assert mem["argument"] > 0 and mem["temp"] > 0 and mem["code"] >= 0  # CPU reports no code size
   # Arguments hold the whole state shard (params + teacher + optimizer) and the batch.
@@ -95,7 +95,7 @@ def test_aot_compile_for_tpu_v5e_cli(tmp_path, capsys):
   text = capsys.readouterr().out
   assert "[tpu]" in text and "-> fits" in text and "of 15.75 GiB HBM" in text
   _check_honest_lines(text)
-  r = C.Report(**json.loads(out.read_text()))
+  r = aot.Report(**json.loads(out.read_text()))
   assert r.backend == "tpu" and r.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
   _check_figures(r, 4)
   # On TPU the layers are a loop that XLA counts once: its raw figure misses one of 2 layers.
@@ -135,12 +135,12 @@ def test_batch_search_finds_the_edge_in_few_compiles(monkeypatch):
     b = cfg.batch_size // 8
     calls.append(b)
     total = (1.0 + 0.3 * b) * C.GiB
-    r = C.Report(**{f.name: None for f in C.dataclasses.fields(C.Report)})
+    r = aot.Report(**{f.name: None for f in C.dataclasses.fields(aot.Report)})
     r.memory = {"total": total, "temp": 0.3 * b * C.GiB}
     r.fits, r.compile_s = total <= topo_.chip.hbm_gib * C.GiB, 0.0
     return r
 
-  monkeypatch.setattr(C, "compile_step", fake_compile)
+  monkeypatch.setattr(batch_search, "compile_step", fake_compile)
   lo, hi, seen = C.search_batch(tiny_text_config(), topo, None, "tpu", start=8, log=lambda s: None)
   assert lo == 49 and hi is not None and hi - lo <= 49 // 8
   assert calls[:2] == [8, 49] and len(calls) <= 4
@@ -148,20 +148,20 @@ def test_batch_search_finds_the_edge_in_few_compiles(monkeypatch):
   # Nothing fits at the start (compiler OOM, no memory figures): halve until something does.
   def oom_above_3(cfg, topo_, *, devices=None, backend="tpu"):
     b = cfg.batch_size // 8
-    r = C.Report(**{f.name: None for f in C.dataclasses.fields(C.Report)})
+    r = aot.Report(**{f.name: None for f in C.dataclasses.fields(aot.Report)})
     r.memory, r.fits, r.compile_s = ({}, False, 0.0) if b > 3 else (
         {"total": C.GiB, "temp": 0.1 * C.GiB * b}, True, 0.0)
     return r
 
-  monkeypatch.setattr(C, "compile_step", oom_above_3)
+  monkeypatch.setattr(batch_search, "compile_step", oom_above_3)
   lo, hi, _ = C.search_batch(tiny_text_config(), topo, None, "tpu", start=16, log=lambda s: None)
   assert (lo, hi) == (3, 4)
 
 
 def test_table_goes_between_markers(tmp_path):
   path = tmp_path / "scale.md"
-  path.write_text(f"# Scale\n\nintro\n\n{C.TABLE_BEGIN}\nold\n{C.TABLE_END}\n\noutro\n")
-  rep = C.Report(**{f.name: None for f in C.dataclasses.fields(C.Report)})
+  path.write_text(f"# Scale\n\nintro\n\n{scale_table.TABLE_BEGIN}\nold\n{scale_table.TABLE_END}\n\noutro\n")
+  rep = aot.Report(**{f.name: None for f in C.dataclasses.fields(aot.Report)})
   rep = C.dataclasses.asdict(rep) | {
       "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "memory": {"total": 15 * C.GiB},
       "hbm_bytes": 15.75 * C.GiB, "flops_per_device": 2.5e12, "model_flops": 8 * 2.4e12,
@@ -171,7 +171,7 @@ def test_table_goes_between_markers(tmp_path):
   # 2.5 TFLOP at v5e's 197 TFLOP/s = 12.7 ms < 20 ms, so HBM bytes bound it.
   old = {k: v for k, v in rep.items() if k not in ("bound_s", "compute_bound_s", "bound_by", "remat")}
   old |= {"est_step_s": 0.02, "est_mfu": 0.61}
-  C.write_markdown(str(path), [
+  scale_table.write_markdown(str(path), [
       {"entry": "text:base", "topology": "v5e-8", "report": rep, "largest_batch": 49, "first_failing": 55},
       {"entry": "text:base", "topology": "v5e-8", "report": old, "largest_batch": 49, "first_failing": 55,
        "overrides": ["dtype=bfloat16"]}])
@@ -230,14 +230,14 @@ def test_batch_search_per_remat_policy_with_a_fake_compiler(monkeypatch):
   def fake_compile(cfg, topo_, *, devices=None, backend="tpu"):
     b = cfg.batch_size // 8
     total = (1.0 + per_example[cfg.model.encoder.remat] * b) * C.GiB
-    r = C.Report(**{f.name: None for f in C.dataclasses.fields(C.Report)})
+    r = aot.Report(**{f.name: None for f in C.dataclasses.fields(aot.Report)})
     r.memory = {"total": total, "temp": total - C.GiB}
     r.fits, r.compile_s, r.remat = total <= topo_.chip.hbm_gib * C.GiB, 0.0, cfg.model.encoder.remat
     r.hbm_bytes, r.flops_per_device, r.bound_s, r.bound_by = topo_.chip.hbm_gib * C.GiB, 1e12, 0.01, "compute"
     r.global_batch, r.num_devices, r.batch_per_device = cfg.batch_size, 8, b
     return r
 
-  monkeypatch.setattr(C, "compile_step", fake_compile)
+  monkeypatch.setattr(batch_search, "compile_step", fake_compile)
   rows = C.search_remat(tiny_text_config(), topo, None, "tpu", C.remat_names("none,full,dots"),
                         log=lambda s: None)
   assert [(r["remat"], r["largest_batch"]) for r in rows][:2] == [("none", 49), ("full", 147)]

@@ -5,7 +5,6 @@ after guards.max_nonfinite in a row; a collapsed teacher triggers guards.collaps
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest

@@ -147,7 +147,7 @@ def test_hybrid_layout_keeps_each_slice_contiguous_on_the_dcn_axis():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu not installed (requirements-tpu.txt): no TPU topology devices")
 def test_multislice_mesh_on_tpu_topology():
-  from d2v_jax import compile as compile_lib
+  from d2v_jax import topology as compile_lib
   devs = compile_lib.topology_devices(compile_lib.parse_topology("v5e-4", num_slices=2))
   assert sharding.num_slices(devs) == 2
   mesh = sharding.make_mesh(_preset_cfg("fsdp").mesh, devs)

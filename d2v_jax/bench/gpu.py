@@ -19,7 +19,7 @@ Per modality, the base config in bfloat16 at its production length (text 512 tok
      at the batch (--remat fixes one), `--steps` timed steps after 2 warm-up steps.
 Reported: median step ms, examples/s, compiled memory (XLA memory analysis of the step:
 arguments + outputs - aliased + temporaries), the process's peak GPU memory so far
-(memory_stats), analytic model TFLOP per step (bench/mfu.py: matmuls of teacher forward,
+(memory_stats), analytic model TFLOP per step (d2v_jax/flops.py: matmuls of teacher forward,
 student forward + head, student backward = 2x) and MFU against a bf16 8192^3 matmul timed in
 the same run (median of 20; the MFU denominator is measured, not a datasheet figure).
 
@@ -221,7 +221,6 @@ def measure_peak(device, n: int, reps: int = 20) -> float:
   """bf16 n x n x n matmul FLOP/s on `device` (median of `reps` after a warm-up)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from d2v_jax.bench import timing
   a = jax.device_put(jnp.ones((n, n), jnp.bfloat16), device)
   b = jax.device_put(jnp.ones((n, n), jnp.bfloat16), device)
@@ -235,7 +234,8 @@ def measure_row(cfg, device, steps: int, remats: tuple[str, ...]) -> dict:
   """Compile and time the step with the first remat policy that fits."""
   import jax
   from d2v_jax import build as build_lib
-  from d2v_jax.bench import mfu, timing
+  from d2v_jax import flops as flops_lib
+  from d2v_jax.bench import timing
   from d2v_jax.models import transformer as T
   last = ""
   for remat in remats:
@@ -265,7 +265,7 @@ def measure_row(cfg, device, steps: int, remats: tuple[str, ...]) -> dict:
       return {"remat": remat, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
     sec = timing.median(res["step"]["wall"])
     stats = device.memory_stats() or {}
-    flops = mfu.step_flops(cfg)
+    flops = flops_lib.model_flops(built, batch)[0]["total"]
     spec = T.EncoderSpec.from_config(cfg.model.encoder, cfg.dtype)
     used = {}
     for role, drop in (("teacher", False), ("student", spec.attention_dropout > 0)):

@@ -3,9 +3,9 @@
   python -m d2v_jax.bench mfu [--modality text|vision|audio|all] [--sizes tiny,small]
       [--dtype float32|bfloat16] [--reps 10] [--quick] [--out DIR]
 
-Model FLOPs per step, two ways: analytic (matmuls and convolutions only, a multiply-add =
-2 FLOPs: teacher forward + student forward + 2x the student forward for the backward), and
-XLA's HLO cost analysis of the lowered step (every op, elementwise included). Peak: a jitted
+Model FLOPs per step, two ways: analytic (d2v_jax/flops.py, the model the AOT compile
+report uses: matmuls and convolutions only, a multiply-add = 2 FLOPs, teacher forward +
+student forward + 2x the student forward for the backward), and XLA's HLO cost analysis of the lowered step (every op, elementwise included). Peak: a jitted
 N x N float32 matmul (N = 2048, quick 512) in the same process, timed interleaved with the
 step so both see the same machine load. MFU = (FLOPs / step time) / peak, given from wall
 time and from process CPU time (CPU-seconds: robust when other jobs share the cores).
@@ -33,54 +33,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
   setups.add_set_arg(p)
 
 
-def encoder_flops(cfg, tokens: int, seq: int) -> float:
-  """Forward FLOPs of the Transformer stack on `tokens` = batch * seq positions."""
-  e = cfg.model.encoder
-  d, f, layers = e.hidden, e.mlp_dim, e.num_layers
-  dense = 2 * tokens * (4 * d * d + 2 * d * f)
-  attention = 2 * 2 * tokens * seq * d          # q k^T and probs v
-  return layers * (dense + attention)
-
-
-def embed_flops(cfg, batch: int) -> tuple[float, int]:
-  """(forward FLOPs of the embedder, sequence length it produces incl. extra tokens)."""
-  m = cfg.model
-  d = m.encoder.hidden
-  if cfg.modality == "text":
-    return 0.0, int(cfg.data.block_size)
-  if cfg.modality == "vision":
-    g = m.image_size // m.patch_size
-    return 2.0 * batch * g * g * m.patch_size ** 2 * m.channels * d, g * g + 1
-  if cfg.modality == "audio":
-    from d2v_jax.data.masking_audio import conv_output_length
-    length, cin, total = int(cfg.data.max_samples), 1, 0.0
-    for c, k, s in zip(m.conv_dims, m.conv_kernels, m.conv_strides):
-      length = conv_output_length(length, (k,), (s,))
-      total += 2.0 * batch * length * k * cin * c
-      cin = c
-    total += 2.0 * batch * length * cin * d                      # feature projection
-    total += m.pos_conv_depth * 2.0 * batch * length * m.pos_conv_kernel * (d // m.pos_conv_groups) * d
-    return total, length
-  raise ValueError(f"no FLOP model for modality {cfg.modality!r}")
-
-
-def head_flops(cfg, tokens: int) -> float:
-  d, h = cfg.model.encoder.hidden, cfg.head
-  if h.layers == 1:
-    return 2.0 * tokens * d * d
-  inner = d * h.hidden_mult
-  return 2.0 * tokens * (d * inner + (h.layers - 2) * inner * inner + inner * d)
-
-
-def step_flops(cfg) -> float:
-  """Analytic matmul/conv FLOPs of one train step (global batch)."""
-  b = cfg.batch_size
-  emb, seq = embed_flops(cfg, b)
-  fwd = emb + encoder_flops(cfg, b * seq, seq)
-  student = fwd + head_flops(cfg, b * seq)
-  return fwd + 3.0 * student
-
-
 def xla_flops(lowered_or_compiled) -> float:
   """'flops' of XLA's HLO cost analysis (a Lowered: the unoptimised module, no compile)."""
   cost = lowered_or_compiled.cost_analysis()
@@ -104,6 +56,7 @@ def matmul_fn(n: int, dtype: str = "float32"):
 def measure(modality: str, size: str, dtype: str, reps: int, n: int, batch_size: int,
             overrides: dict | None = None) -> dict:
   import jax
+  from d2v_jax import flops as flops_lib
   from d2v_jax.bench import setups, timing
   s = setups.make(modality, size, dtype=dtype, batch_size=batch_size, overrides=overrides)
   holder = {"state": s.state}
@@ -119,7 +72,7 @@ def measure(modality: str, size: str, dtype: str, reps: int, n: int, batch_size:
   res = timing.run_interleaved({"step": ours, "matmul": mm}, reps)
   sw, sc = timing.median(res["step"]["wall"]), timing.median(res["step"]["cpu"])
   mw, mc = timing.median(res["matmul"]["wall"]), timing.median(res["matmul"]["cpu"])
-  flops, xflops = step_flops(s.cfg), xla_flops(lowered)
+  flops, xflops = flops_lib.model_flops(s.built, s.global_batch)[0]["total"], xla_flops(lowered)
   peak, peak_cpu = mm_flops / mw, mm_flops / mc
   return {"modality": modality, "size": size, "dtype": dtype, "batch": s.cfg.batch_size,
           "GFLOP analytic": flops / 1e9, "GFLOP xla": xflops / 1e9, "step ms": 1e3 * sw,

@@ -17,7 +17,6 @@ import dataclasses
 import os
 from typing import Any
 
-import numpy as np
 
 MODALITIES = ("text", "vision", "audio")
 SIZES = ("tiny", "small")
@@ -72,31 +71,10 @@ def config(modality: str, size: str, *, dtype: str = "float32", batch_size: int 
 
 
 def batch(cfg, seed: int = 0) -> dict:
-  """One host batch with real masks: random tokens / Gaussian pixels / Gaussian audio with the
-  last quarter of every other row padded."""
-  import tensorflow as tf
+  """One host batch of the problem: the modality's synthetic_batch (random content, real
+  masks; d2v_jax/modality.py)."""
   from d2v_jax.modality import load
-  rng = np.random.default_rng(seed)
-  b = cfg.batch_size
-  if cfg.modality == "text":
-    from d2v_jax.data.masking_text import MaskSpec, mask_tokens
-    v, t = cfg.model.vocab_size, cfg.data.block_size
-    source = rng.integers(4, v - 1, (b, t), dtype=np.int32)
-    source[:, 0], source[:, -1] = 0, 2
-    spec = MaskSpec.from_config(cfg.data, v - 1, (0, 1, 2, 3), range(4, v - 1))
-    student, mask = mask_tokens(tf.constant(source), tf.constant([seed, 1], tf.int64), spec)
-    return {"source": source, "student": student.numpy(), "mask": mask.numpy()}
-  ex = load(cfg.modality).data.example_batch(cfg, b)
-  if cfg.modality == "vision":
-    ex["image"] = rng.normal(size=ex["image"].shape).astype(np.float32)
-    return ex
-  s = ex["audio"].shape[1]
-  lengths = np.where(np.arange(b) % 2 == 0, s, (3 * s) // 4).astype(np.int32)
-  audio = rng.normal(size=ex["audio"].shape).astype(np.float32)
-  audio[np.arange(s)[None, :] >= lengths[:, None]] = 0.0
-  from d2v_jax.data.audio import mask_batch
-  mask = mask_batch(cfg, tf.constant(lengths), tf.constant([seed, 1], tf.int64)).numpy()
-  return {"audio": audio, "audio_len": lengths, "mask": mask}
+  return load(cfg.modality).data.synthetic_batch(cfg, cfg.batch_size, seed)
 
 
 @dataclasses.dataclass

@@ -15,7 +15,6 @@ XLA's temporary bytes. It ends with one line per modality:
 from __future__ import annotations
 
 import argparse
-import time
 
 from d2v_jax import bench
 
@@ -61,21 +60,18 @@ def measure(modality: str, size: str, v2: bool, batch: int, *, time_it: bool, re
             quick: bool = False) -> dict:
   import flax.linen as nn
   import jax
-  from d2v_jax import build as build_lib, compile as compile_lib, sharding
+  from d2v_jax import build as build_lib, flops as flops_lib, sharding
   from d2v_jax.bench import setups, timing
   cfg = _config(modality, size, v2, batch, quick)
   built = build_lib.build(cfg, devices=jax.devices()[:1])
-  if modality == "text" and not v2:   # example_batch's v1 text mask is a fixed pattern
-    host = setups.batch(cfg)
-  else:                                # real generator masks at the largest crop
-    host = built.modality.data.example_batch(cfg, batch)
+  host = setups.batch(cfg)   # real generator masks (at the largest crop)
   views = int(host["mask"].shape[1]) if v2 else 1
   masked = _masked_tokens(host) / batch
   row = {"modality": modality, "objective": "v2" if v2 else "v1", "size": size, "batch": batch,
          "views": views, "masked/example": masked}
   with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(built.mesh):
     jaxpr = jax.make_jaxpr(built.step_fn)(built.abstract_state, host).jaxpr
-  flops = compile_lib.matmul_flops(jaxpr, True) / batch
+  flops = flops_lib.matmul_flops(jaxpr, True) / batch
   row.update({"GFLOP/example": flops / 1e9, "GFLOP/view": flops / views / 1e9,
               "MFLOP/masked token": flops / masked / 1e6, "flops_per_masked": flops / masked})
   if time_it:

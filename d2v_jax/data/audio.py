@@ -227,6 +227,15 @@ def example_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
           **{k: v.numpy() for k, v in masks.items()}}
 
 
+def synthetic_batch(cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:
+  """Gaussian audio at data.max_samples (every row full, as a bucketed batch) with the real
+  masks, no files: the benchmark problem of the modality (d2v_jax/bench/setups.py)."""
+  ex = example_batch(cfg, batch_size)
+  ex["audio"] = np.random.default_rng(seed).normal(size=ex["audio"].shape).astype(np.float32)
+  masks = batch_masks(cfg, tf.constant(ex["audio_len"]), tf.constant([seed, 1], tf.int64))
+  return {**ex, **{k: v.numpy() for k, v in masks.items()}}
+
+
 def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Builds (or loads) the example index; nothing in the config depends on the data."""
   validate(cfg)

@@ -193,6 +193,22 @@ def example_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
   return {"source": source, "student": student, "mask": mask}
 
 
+def synthetic_batch(cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:
+  """Random ids with the real masks (span / BERT, or data2vec 2.0's), no files: the benchmark
+  problem of the modality (d2v_jax/bench/setups.py)."""
+  v, t = int(cfg.model.vocab_size), int(cfg.data.block_size)
+  rng = np.random.default_rng(seed)
+  source = rng.integers(len(SPECIAL_TOKENS), v - 1, (batch_size, t), dtype=np.int32)
+  source[:, 0], source[:, -1] = 0, 2
+  tf_seed = tf.constant([seed, 1], tf.int64)
+  if cfg.objective == "v2":
+    return {"source": source, **{k: x.numpy() for k, x in masking_v2.random_batch(
+        cfg, tf_seed, batch_size, t).items()}}
+  spec = MaskSpec.from_config(cfg.data, v - 1, (0, 1, 2, 3), range(len(SPECIAL_TOKENS), v - 1))
+  student, mask = mask_tokens(tf.constant(source), tf_seed, spec)
+  return {"source": source, "student": student.numpy(), "mask": mask.numpy()}
+
+
 def run_tokenizer(cfg, workdir: str | None):
   """The run's tokenizer: data.tokenizer, else the one training wrote to WORKDIR/tokenizer."""
   path = cfg.data.tokenizer or (os.path.join(sources.local_dir(workdir), "tokenizer")

@@ -144,6 +144,14 @@ def example_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
   return {"image": image, "mask": np.repeat(one, batch_size, axis=0)}
 
 
+def synthetic_batch(cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:
+  """Gaussian pixels with the real block masks, no files: the benchmark problem of the
+  modality (d2v_jax/bench/setups.py)."""
+  ex = example_batch(cfg, batch_size)
+  ex["image"] = np.random.default_rng(seed).normal(size=ex["image"].shape).astype(np.float32)
+  return ex
+
+
 def list_images(path: str, extensions=EXTENSIONS) -> list[str]:
   """Sorted image files under comma-separated directories / globs (directories recursively;
   both keep only `extensions`, () = every readable format)."""
