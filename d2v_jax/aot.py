@@ -103,20 +103,11 @@ class Report:
     return out
 
 
-def resolve_for_compile(cfg, backend: str = "tpu") -> None:
-  """Fills data-dependent config values without reading data (modality prepare() would
-  read the corpus): a text vocabulary is the size the tokenizer would be trained to. For a
-  TPU target, choices the model makes from the tracing host's backend are made as a TPU
-  host would make them, so the program is the one the trainer compiles there."""
+def resolve_for_compile(cfg) -> None:
+  """Fills data-dependent config values without reading data (modality prepare() would read
+  the corpus): e.g. a text vocabulary is the size the tokenizer would be trained to. What the
+  model chooses per platform follows the topology's devices (build.py)."""
   load_modality(cfg.modality).data.resolve_offline(cfg, "")
-  fields = {f.name for f in dataclasses.fields(transformer.EncoderSpec)}
-  enc = cfg.model.encoder
-  if backend == "tpu" and "scan_unroll" in fields and not enc.get("scan_unroll", 0):
-    with cfg.unlocked():    # config_flags locks the config; the key may be new
-      enc.scan_unroll = 1   # transformer.Encoder: 0 = unroll everything on CPU, 1 elsewhere
-  if backend == "tpu" and "platform" in fields and not enc.get("platform", ""):
-    with cfg.unlocked():
-      enc.platform = "tpu"  # transformer.select_attention: attention=auto chooses for a TPU
 
 
 def _oom_message(err: Exception) -> str | None:
@@ -129,7 +120,7 @@ def _oom_message(err: Exception) -> str | None:
 
 def compile_step(cfg, topo: Topology, *, devices=None, backend: str = "tpu") -> Report:
   """Builds the trainer's step for `devices` (the topology's), compiles it, and reports."""
-  resolve_for_compile(cfg, "tpu" if backend == "tpu" else "cpu")
+  resolve_for_compile(cfg)
   t0 = time.time()
   built = build_lib.build(cfg, devices=devices)
   mesh = built.mesh
@@ -171,7 +162,7 @@ def compile_step(cfg, topo: Topology, *, devices=None, backend: str = "tpu") -> 
     scale = flops_dev / xla_raw if xla_raw > 0 else 1.0
     bytes_dev = float(ca.get("bytes accessed", 0.0)) * scale  # loop bodies scaled alike
   compute_s, hbm_s, bound_s, bound_by = roofline(flops_dev, bytes_dev, topo.chip)
-  spec = transformer.EncoderSpec.from_config(cfg.model.encoder, cfg.dtype)
+  spec = built.model.spec
   return Report(
       topology=topo.describe(), backend=backend, num_devices=n, mesh=dict(mesh.shape),
       preset=str(cfg.mesh.get("preset", "") or ""), dtype=cfg.dtype, global_batch=cfg.batch_size,

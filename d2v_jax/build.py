@@ -14,7 +14,7 @@ import numpy as np
 
 from d2v_jax import ema, optim, sharding, step as step_lib, validate
 from d2v_jax.modality import load as load_modality
-from d2v_jax.models import data2vec
+from d2v_jax.models import cpu_ops, data2vec
 from d2v_jax.state import TrainState
 
 
@@ -39,9 +39,11 @@ def build(cfg, *, mesh=None, devices=None) -> Built:
   validated here (d2v_jax/validate.py)."""
   validate.validate(cfg)
   mod = load_modality(cfg.modality)
-  model = data2vec.build(cfg, mod.model.build(cfg))
-  tx, lr_fn = optim.make(cfg.optim, cfg.total_steps)
   mesh = mesh or sharding.make_mesh(cfg.mesh, devices)
+  # The model is built for the mesh's platform (attention kernels, CPU-only speed-ups): an
+  # ahead-of-time compile for TPU devices from a CPU host gets the TPU program.
+  model = data2vec.build(cfg, mod.model.build(cfg), cpu_ops.platform_of(mesh.devices.flat[0]))
+  tx, lr_fn = optim.make(cfg.optim, cfg.total_steps)
   init_batch = jax.tree_util.tree_map(jnp.asarray, mod.data.example_batch(cfg, 1))
 
   v2 = cfg.objective == "v2"

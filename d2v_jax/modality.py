@@ -34,7 +34,7 @@ configs/common.base_config, with `modality` set to the name above). The contract
           optional: tf_dataset(...) (the tf.data.Dataset behind build_dataset, for the input
             benchmark); LATE_DEFAULTS (values of data keys added after runs were written).
   hf      (optional) the tables of its Hugging Face map: FAMILY, FAMILIES (config.json
-            model_type values it imports), ARCH (config.json field -> our key), PREFIXES, PROBE,
+            model_type values it imports), ARCH (config.json field -> our key), PREFIXES, PROBE, HINT,
             ARCHITECTURE, FLAX, table(cfg), check_representable(cfg), hf_config(cfg),
             write_extra(cfg, out_dir, workdir); optional complete / complete_flax /
             resolve_config for its special cases. d2v_jax/hf/common.py does the walk, the

@@ -19,23 +19,6 @@ from d2v_jax import ema, health, objectives, targets as T
 from d2v_jax.state import TrainState
 
 
-def _unrolled_threefry_on_cpu() -> bool:
-  """Lowers threefry2x32 on CPU like GPU/TPU do (one straight-line kernel) instead of jax's
-  CPU default, a 5-iteration rolled loop that writes every round's state to memory. Same
-  random bits; dropout's random draws cost ~8 % of a CPU step less (docs/performance.md).
-  Uses jax internals, so it is skipped (returns False) when they are not where expected."""
-  try:
-    from jax._src.interpreters import mlir
-    from jax._src.random import threefry2x32 as tf
-    mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule, platform="cpu")
-    return True
-  except (ImportError, AttributeError):
-    return False
-
-
-UNROLLED_THREEFRY = _unrolled_threefry_on_cpu()
-
-
 def _global_norm(tree) -> jax.Array:
   return optax.global_norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
 

@@ -21,16 +21,22 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed  # noqa: E402
-from d2v_jax import eval_hook, init_weights, metrics as metrics_lib, sharding, validate  # noqa: E402
+from d2v_jax import eval_hook, init_weights, metrics as metrics_lib, sharding, validate, watchdog  # noqa: E402
 from d2v_jax.models import transformer  # noqa: E402
 from d2v_jax.modality import load as load_modality  # noqa: E402
 
-FLAGS = flags.FlagValues()
-flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, resolved config)",
-                    flag_values=FLAGS)
-# --coordinator_address / --num_processes / --process_id / --peer_timeout: d2v_jax/distributed.py
-# (the one start-up path: TPU VM pods, SLURM, explicit flags, one process).
-distributed.define_flags(FLAGS)
+
+
+def flag_values() -> flags.FlagValues:
+  """Fresh flags of one command line: --workdir, the distributed start-up's
+  (--coordinator_address / --num_processes / --process_id / --peer_timeout,
+  d2v_jax/distributed.py) and, once parsed, --config. Fresh per call, so main() runs
+  in-process as often as a caller likes (tests, notebooks)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, resolved config)",
+                      flag_values=fv)
+  distributed.define_flags(fv)
+  return fv
 
 
 def preflight(workdir: str) -> None:
@@ -50,7 +56,7 @@ def preflight(workdir: str) -> None:
 class _Preempted:
   """SIGTERM (TPU VM maintenance, SLURM) -> save at the current step and exit 0. The previous
   handler is put back when the run ends (tests and notebooks call run() in-process). With
-  several processes the flag is agreed (distributed.StopVote): all stop after the same step."""
+  several processes the flag is agreed (watchdog.StopVote): all stop after the same step."""
 
   def __init__(self):
     self.flag = False
@@ -141,7 +147,7 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
     if pid == 0:
       sizes, repl = sharding.report(built.state_shardings, built.abstract_state)
       print(sharding.report_line(built.mesh, sizes, repl), flush=True)
-      print(_attention_line(cfg, mod), flush=True)
+      print(_attention_line(built.model.spec, mod), flush=True)
     out = _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos)
     finished = True
   finally:
@@ -155,10 +161,9 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
   return out
 
 
-def _attention_line(cfg, mod) -> str:
+def _attention_line(spec, mod) -> str:
   """Which attention implementation `model.encoder.attention` resolved to (teacher and
-  student) on this platform, for the modality's bias kind."""
-  spec = transformer.EncoderSpec.from_config(cfg.model.encoder, cfg.dtype)
+  student) on the mesh's platform, for the modality's bias kind."""
   return transformer.describe_attention(spec, bias=getattr(mod.model, "ATTENTION_BIAS", None))
 
 
@@ -168,7 +173,7 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
   pid, nproc = jax.process_index(), jax.process_count()
   # Several processes: a SIGTERM that reached any of them is agreed through one tiny all-reduce
   # per step, read with that step's metrics (one step late), so all stop after the same step.
-  votes = distributed.StopVote() if nproc > 1 else None
+  votes = watchdog.StopVote() if nproc > 1 else None
   stopping = False
   data = iter(mod.data.build_dataset(cfg, workdir, start_step=data_pos, process_index=pid,
                                      process_count=nproc))
@@ -217,7 +222,7 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
         if votes is not None:
           vote = votes.start(preempted.flag)
         hook(step, state, writer)
-      distributed.progress(step)
+      watchdog.progress(step)
       verdict = None
       if pending is not None:
         last, verdict = flush(pending)
@@ -282,7 +287,7 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
 def main(argv=None) -> None:
   argv = list(sys.argv if argv is None else argv)
   try:
-    fv = config_lib.parse_argv(argv, FLAGS)
+    fv = config_lib.parse_argv(argv, flag_values())
   except config_lib.ConfigError as e:
     config_lib.die(str(e))
   if not fv.workdir:
@@ -297,23 +302,23 @@ def main(argv=None) -> None:
   try:
     run(fv.config, fv.workdir, preempted=preempted)
   except config_lib.ConfigError as e:
-    distributed.fail(f"error: {e}", code=2)    # several processes: tell the peers, exit 2
+    watchdog.fail(f"error: {e}", code=2)    # several processes: tell the peers, exit 2
     config_lib.die(str(e))
   except checkpoint.CheckpointError as e:
-    distributed.fail(f"error: {e}", e)
+    watchdog.fail(f"error: {e}", e)
     config_lib.die(str(e), code=1)
   except SystemExit as e:   # guards: every process reaches the same verdict
     if e.code not in (None, 0):
-      distributed.fail(str(e.code) if isinstance(e.code, str) else "error: stopped", code=1)
+      watchdog.fail(str(e.code) if isinstance(e.code, str) else "error: stopped", code=1)
     raise
   except Exception as e:
     # Several processes: a lost peer is named (or this error is), peers are told, exit 1
     # without waiting in JAX's shutdown barrier. One process: the usual traceback.
-    distributed.fail(f"error: {type(e).__name__}: {checkpoint.first_line(e)}", e, show_traceback=True)
+    watchdog.fail(f"error: {type(e).__name__}: {checkpoint.first_line(e)}", e, show_traceback=True)
     raise
   finally:
     preempted.restore()
-  distributed.finish()
+  watchdog.finish()
   print(f"done in {time.time() - t0:.0f} s; run directory: {os.path.abspath(fv.workdir)}", flush=True)
 
 

@@ -4,14 +4,12 @@ file of the run (checkpoints, metrics, config.json, tokenizer) hashes the same a
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from d2v_jax import checkpoint, config as config_lib, export as export_lib, train
-from reliability_utils import (ROOT, audio_args, env, parse, run_cli, text_args, text_setup,
-                               tree_hashes, vision_args, write_images, write_wavs)
+from reliability_utils import (audio_args, parse, text_args, text_setup, tree_hashes, vision_args,
+                               write_images, write_wavs)
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +75,23 @@ def test_bad_config_or_data_on_an_existing_run(setup, run_dir, tmp_path, overrid
                         "another --workdir")
 
 
-def test_cli_bad_keys_and_values_one_line_exit_2(setup, run_dir):
+def _cli(main, argv: list[str], capsys) -> tuple[int, str]:
+  """A command line run in-process (fresh flag values per call): (exit status, stderr)."""
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  return e.value.code, capsys.readouterr().err
+
+
+def test_cli_bad_keys_and_values_one_line_exit_2(setup, run_dir, capsys):
+  prog = ["python -m d2v_jax.train", "--workdir", run_dir]
   with Unchanged(run_dir):
-    r = run_cli(text_args(setup) + ["--config.optim.lrr=1"], run_dir)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+    code, err = _cli(train.main, prog + text_args(setup) + ["--config.optim.lrr=1"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
         "error: unknown config key 'optim.lrr' (no 'lrr' under optim; valid there: [")
-    r = run_cli(text_args(setup) + ["--config.total_steps=many"], run_dir)
-    assert r.returncode == 2 and "total_steps" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli(text_args(setup, **{"data.mask_prob": 1.5}), run_dir)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "error: data.mask_prob=1.5 must be in [0, 1]"
+    code, err = _cli(train.main, prog + text_args(setup) + ["--config.total_steps=many"], capsys)
+    assert code == 2 and "total_steps" in err and "Traceback" not in err
+    code, err = _cli(train.main, prog + text_args(setup, **{"data.mask_prob": 1.5}), capsys)
+    assert code == 2 and err.strip().splitlines() == ["error: data.mask_prob=1.5 must be in [0, 1]"]
 
 
 def test_run_directory_that_is_not_writable(tmp_path):
@@ -99,7 +104,7 @@ def test_run_directory_that_is_not_writable(tmp_path):
   assert str(e.value).endswith("fix permissions or choose another --workdir")
 
 
-def test_export_without_a_checkpoint(tmp_path):
+def test_export_without_a_checkpoint(tmp_path, capsys):
   run = tmp_path / "run"
   run.mkdir()
   (run / "config.json").write_text("{}")
@@ -111,11 +116,8 @@ def test_export_without_a_checkpoint(tmp_path):
   with Unchanged(str(tmp_path)):
     with pytest.raises(checkpoint.NoCheckpoint, match="holds no finished checkpoint"):
       export_lib.export(str(run), str(tmp_path / "hf"))
-  r = subprocess.run([sys.executable, "-m", "d2v_jax.export", "--workdir", str(run), "--out",
-                      str(tmp_path / "hf")], cwd=ROOT, env=env(), capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode == 2 and "Traceback" not in r.stderr
-  assert r.stderr.strip().splitlines()[-1].startswith(f"error: {run}/checkpoints holds no finished")
+  code, err = _cli(export_lib.main, ["--workdir", str(run), "--out", str(tmp_path / "hf")], capsys)
+  assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: {run}/checkpoints holds no finished")
 
 
 def test_export_refuses_a_directory_holding_another_model(run_dir, tmp_path):

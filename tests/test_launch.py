@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from d2v_jax import distributed
+from d2v_jax import distributed, watchdog
 from reliability_utils import cpu_xla_flags, free_port
 from step_utils import run_steps, tiny_text_config
 
@@ -135,7 +135,7 @@ WORKER = textwrap.dedent("""
     p.add_argument("--process_id", type=int)
     a = p.parse_args()
     from d2v_jax import distributed
-    plan = distributed.maybe_initialize(a.coordinator_address, a.num_processes, a.process_id)
+    plan = distributed.initialize(a.coordinator_address, a.num_processes, a.process_id)
     import jax
     from d2v_jax import build as build_lib
     from d2v_jax.data import text as text_data
@@ -239,7 +239,7 @@ class _FakeClient:
 
 
 def _watch(client, pid=0, nproc=3, timeout=1.0):
-  wd = distributed.Watchdog(client, pid, nproc, timeout, "h:1234")
+  wd = watchdog.Watchdog(client, pid, nproc, timeout, "h:1234")
   exited = []
   wd._exit = lambda code: exited.append((code, time.monotonic()))
   return wd, exited
@@ -318,12 +318,12 @@ def test_fail_tells_the_peers_and_exits_without_joining_jax_shutdown(monkeypatch
   wd.start()
   codes = []
   monkeypatch.setattr(distributed.os, "_exit", codes.append)
-  monkeypatch.setitem(distributed._STATE, "watchdog", wd)
+  monkeypatch.setitem(watchdog._CURRENT, "watchdog", wd)
   t0 = time.monotonic()
-  distributed.fail("error: data.path matches no file", ValueError("no file"), code=2)
+  watchdog.fail("error: data.path matches no file", ValueError("no file"), code=2)
   assert codes == [2] and time.monotonic() - t0 < 3      # no waiting: not a lost peer
   assert client.kv["d2v/beat/1"] == "failed" and not wd._thread.is_alive()
   assert capsys.readouterr().err == "error: data.path matches no file\n"
-  monkeypatch.setitem(distributed._STATE, "watchdog", None)
-  distributed.fail("error: x")                           # one process: returns, nothing else
+  monkeypatch.setitem(watchdog._CURRENT, "watchdog", None)
+  watchdog.fail("error: x")                           # one process: returns, nothing else
   assert codes == [2]

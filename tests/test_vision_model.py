@@ -313,7 +313,7 @@ def test_load_errors_name_the_weight(tmp_path, capsys):
   state = torch_state(hf)
   with pytest.raises(ValueError, match=r"lacks 'encoder\.layer\.2\.attention\.attention\.query\.weight'"):
     common.from_hf_state(hf_vision, state, tiny_cfg(layers=3))
-  with pytest.raises(ValueError, match=r"encoder\.layer\.1\.layernorm_before\.weight' exists"):
+  with pytest.raises(ValueError, match=r"encoder\.layer\.1\.attention\.attention\.query\.weight' exists"):
     common.from_hf_state(hf_vision, state, tiny_cfg(layers=1))
   wide = tiny_cfg()
   wide.model.encoder.hidden = 48

@@ -158,10 +158,6 @@ def profile_step(step, state, batch, steps: int, hlo_text: str):
 
 def main(args: argparse.Namespace) -> int:
   import jax
-  if os.environ.get("UNROLL_TF"):
-    from jax._src.random import threefry2x32 as _t
-    from jax._src.interpreters import mlir as _m
-    _m.register_lowering(_t.threefry2x32_p, _t._threefry2x32_lowering_rule, platform="cpu")
   from d2v_jax.bench import setups
   size = "tiny" if args.quick else args.size
   steps = 1 if args.quick else args.steps

@@ -31,6 +31,8 @@ ARCH = common.ENCODER_ARCH + (("conv_dim", "model.conv_dims"), ("conv_stride", "
                               ("conv_pos_kernel_size", "model.pos_conv_kernel"),
                               ("num_conv_pos_embedding_groups", "model.pos_conv_groups"))
 PREFIXES = ("data2vec_audio.", "")            # Data2VecAudioFor* heads, base model
+# What to check when a weight is missing or misshapen (the config keys behind the shapes).
+HINT = "model.conv_dims / conv_kernels / conv_bias / pos_conv_* and the model.encoder sizes"
 PROBE = "feature_projection.projection.weight"
 
 

@@ -222,12 +222,12 @@ def from_hf_state(hf_map, state: dict, cfg) -> dict:
   state = hf_map.complete(dict(state), cfg) if hasattr(hf_map, "complete") else state
   for name, want in expected_shapes(hf_map, cfg).items():
     if name not in state:
-      raise ValueError(f"HF state dict lacks {name!r} (expected shape {want}); it does not match "
-                       f"the model.* settings of the config or is not a {hf_map.FAMILY} encoder")
+      raise ValueError(f"HF state dict lacks {name!r} (expected shape {want}): check "
+                       f"{hf_map.HINT}, or it is not a {hf_map.FAMILY} encoder")
     got = tuple(np.shape(state[name]))
     if got != want:
       raise ValueError(f"HF weight {name!r} has shape {got} but the config expects {want} "
-                       "(check the model.* sizes of the config)")
+                       f"(check {hf_map.HINT})")
   out: dict = {}
   blocks: list[dict] = [{} for _ in range(layers)]
   for hf_name, i, path, kind in _entries(table, layers):

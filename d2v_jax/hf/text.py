@@ -25,6 +25,8 @@ ARCH = common.ENCODER_ARCH + (("max_position_embeddings", "model.max_positions")
                               ("pad_token_id", "model.pad_id"), ("type_vocab_size", "model.type_vocab"),
                               ("vocab_size", "model.vocab_size"))
 PREFIXES = ("data2vec_text.", "roberta.", "")     # Data2VecText*, Roberta* heads, base model
+# What to check when a weight is missing or misshapen (the config keys behind the shapes).
+HINT = "model.vocab_size / max_positions / type_vocab and the model.encoder sizes"
 PROBE = "embeddings.word_embeddings.weight"      # present in every such checkpoint
 # Files that make a directory a tokenizer directory (init.hf: data.tokenizer defaults to it).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer_config.json")

@@ -20,6 +20,8 @@ ARCH = common.ENCODER_ARCH + (("image_size", "model.image_size"), ("patch_size",
                               ("num_channels", "model.channels"),
                               ("layer_scale_init_value", "model.encoder.layer_scale"))
 PREFIXES = ("data2vec_vision.", "beit.", "")  # task heads' prefixes, then the bare base model
+# What to check when a weight is missing or misshapen (the config keys behind the shapes).
+HINT = "model.image_size / patch_size and the model.encoder sizes / layer_scale"
 PROBE = "embeddings.patch_embeddings.projection.weight"
 REL_TABLE = "encoder.relative_position_bias.relative_position_bias_table"
 

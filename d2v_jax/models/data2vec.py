@@ -108,13 +108,15 @@ class Data2Vec(nn.Module):
                            noise_rng=jax.random.PRNGKey(0))
 
 
-def build(cfg, embed: nn.Module) -> Data2Vec:
-  v2 = cfg.get("objective", "v1") == "v2"
+def build(cfg, embed: nn.Module, platform: str = "") -> Data2Vec:
+  """The model of cfg around the modality's embedder, for `platform` (the mesh's: attention
+  kernels and CPU-only speed-ups follow it; "" = jax's default backend)."""
+  v2 = cfg.objective == "v2"
   dec = None
   if v2:
     grid = getattr(embed, "grid", 0) if cfg.v2.decoder.kind == "2d" else 0
     dec = decoder_lib.build(cfg, grid=grid)
-  return Data2Vec(embed=embed, spec=EncoderSpec.from_config(cfg.model.encoder, cfg.dtype),
+  return Data2Vec(embed=embed, spec=EncoderSpec.from_config(cfg.model.encoder, cfg.dtype, platform),
                   collect=cfg.target.layer_output, head_layers=cfg.head.layers,
                   head_hidden_mult=cfg.head.hidden_mult, decoder=dec,
                   noise_std=float(cfg.v2.mask_noise_std) if v2 else 0.01)

@@ -1,4 +1,4 @@
-"""data2vec 2.0 lightweight conv decoders (ALGORITHM.md §3.5, §3.9; fairseq `Decoder1d` /
+"""data2vec 2.0 lightweight conv decoders (docs/algorithm.md §3.5, §3.9; fairseq `Decoder1d` /
 `Decoder2d`).
 
 Input: the student's encoder output scattered back to the full sequence, with N(0, noise_std)
@@ -16,15 +16,14 @@ Decoder1d convolves over the sequence [N, T, C]; Decoder2d over the patch grid [
 
 from __future__ import annotations
 
-import functools
-import itertools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d2v_jax.models.transformer import conv1d_same_stride, gelu
+from d2v_jax.models import cpu_ops
+from d2v_jax.models.transformer import gelu
 
 # torch.nn.Conv / Linear default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)); the bias too.
 _TORCH_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -38,50 +37,14 @@ def _torch_bias(fan_in: int):
   return init
 
 
-def _conv_xla(x, kernel, groups):
-  pad = [(k // 2, k // 2) for k in kernel.shape[:-2]]
-  spatial = "".join("HWD"[:len(pad)])
-  dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape,
-                                        (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-  return jax.lax.conv_general_dilated(x, kernel, (1,) * len(pad), pad, dimension_numbers=dims,
-                                      feature_group_count=groups)
-
-
-def _conv_taps(x, kernel, groups):
-  """The same convolution as one batched matmul over the stacked kernel taps (im2col per
-  group): XLA:CPU runs grouped convolutions (feature_group_count > 1) through a slow generic
-  loop, several times slower than this in the runlocal vision decoder's training step; the
-  FLOPs are the same, the stacked taps cost k^d x the input's memory."""
-  window, (cg, cout) = kernel.shape[:-2], kernel.shape[-2:]
-  spatial = x.shape[1:-1]
-  xp = jnp.pad(x, [(0, 0)] + [(k // 2, k // 2) for k in window] + [(0, 0)])
-  taps = [xp[(slice(None),) + tuple(slice(t, t + s) for t, s in zip(tap, spatial))]
-          for tap in itertools.product(*(range(k) for k in window))]
-  cols = jnp.stack(taps, axis=-2)                                # [N, *S, taps, C_in]
-  cols = cols.reshape(*cols.shape[:-1], groups, cg)              # [N, *S, taps, G, C_in/G]
-  w = kernel.reshape(len(taps), cg, groups, cout // groups)      # row-major taps, as stacked
-  y = jnp.einsum("...tgc,tcgo->...go", cols, w)
-  return y.reshape(*y.shape[:-2], cout)
-
-
 def grouped_conv(x, kernel, groups: int, impl: str = "auto"):
   """Stride-1 'same' convolution of x [N, *S, C_in] with kernel [*K, C_in / groups, C_out]
-  (nn.Conv's layout). impl: xla (lax.conv with feature_group_count), taps, or auto:
-  - 1-D: transformer.conv1d_same_stride (the audio positional conv's: gradients as forward
-    convolutions; XLA:CPU's grouped-conv backward is the slow part);
-  - 2-D, groups > 1: taps on CPU (XLA:CPU's 2-D grouped conv + backward is 10-28x slower
-    than taps for the vision decoder, docs/performance.md), XLA's convolution elsewhere,
-    chosen when the program is lowered (a TPU compile from a CPU host gets XLA's);
-  - otherwise XLA's."""
-  if impl == "taps":
-    return _conv_taps(x, kernel, groups)
-  if impl == "auto" and kernel.ndim == 3:
+  (nn.Conv's layout), 1-D or 2-D: d2v_jax/models/cpu_ops.py (impl auto: the CPU forms on
+  CPU, XLA's convolution elsewhere; xla; cpu)."""
+  if kernel.ndim == 3:
     k = kernel.shape[0]
-    return conv1d_same_stride(x, kernel, (k // 2, k // 2), groups)
-  if impl == "xla" or groups == 1:
-    return _conv_xla(x, kernel, groups)
-  return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(_conv_taps, groups=groups),
-                                    default=functools.partial(_conv_xla, groups=groups))
+    return cpu_ops.conv1d(x, kernel, (k // 2, k // 2), groups, impl)
+  return cpu_ops.conv2d(x, kernel, groups, impl)
 
 
 class Conv(nn.Module):

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from d2v_jax.models import cpu_ops
+
 INIT = nn.initializers.normal(0.02)   # BERT / fairseq init_bert_params
 NEG_INF = -1e9  # finite, so fully padded rows stay NaN-free in float32 and bfloat16
 
@@ -55,130 +57,17 @@ class EncoderSpec:
   input_norm: bool = False
   final_norm: bool = False
   scan: bool = True
-  scan_unroll: int = 0      # layers per scan iteration; 0: all of them on CPU, 1 elsewhere
+  scan_unroll: int = 0      # layers per scan iteration; 0: cpu_ops.unroll (all on CPU, 1 elsewhere)
   remat: str = "none"       # REMAT_POLICIES (or the alias "dots")
   attention: str = "auto"   # ATTENTION_IMPLS; see select_attention
   key_padding: str = "any"  # "right": a [B,1,1,T] padding bias always hides a suffix of keys
-  platform: str = ""        # platform attention is chosen for; "" = jax.default_backend()
+  platform: str = ""        # what the model is built for (build.py: the mesh's); "" = default backend
   dtype: Any = jnp.float32
 
   @classmethod
-  def from_config(cls, enc, dtype: str = "float32") -> "EncoderSpec":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
-    return cls(**{k: enc[k] for k in fields if k in enc}, dtype=jnp.dtype(dtype))
-
-
-def _dw_transposed(x2, g2):
-  """x2 [M, K], g2 [M, N] -> x2^T g2 [K, N] with the smaller operand transposed explicitly
-  (XLA:CPU otherwise transposes the larger one for a dot with a transposed lhs). The
-  barriers keep XLA from folding the transposes back into the dot. Measured against the
-  plain dot on the 2-core bench machine (docs/performance.md): vision small 3.8 % faster,
-  text small 2 % slower; kept for the vision gain, worth re-measuring per machine."""
-  k, n = x2.shape[1], g2.shape[1]
-  if k <= n:
-    return jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
-  return jax.lax.optimization_barrier(jnp.dot(jax.lax.optimization_barrier(g2.T), x2)).T
-
-
-def _dw_plain(x2, g2):
-  return jnp.dot(x2.T, g2)
-
-
-@jax.custom_vjp
-def matmul(x, w):
-  """x [..., K] @ w [K, N]; the same product as nn.Dense, with a CPU-friendly weight gradient."""
-  return jnp.dot(x, w)
-
-
-def _matmul_fwd(x, w):
-  return jnp.dot(x, w), (x, w)
-
-
-def _matmul_bwd(res, g):
-  x, w = res
-  k, n = w.shape
-  dx = jnp.dot(g, w.T).astype(x.dtype)
-  x2, g2 = x.reshape(-1, k), g.reshape(-1, n)
-  dw = jax.lax.platform_dependent(x2, g2, cpu=_dw_transposed, default=_dw_plain)
-  return dx, dw.astype(w.dtype)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-class Dense(nn.Dense):
-  """nn.Dense (same parameters, initialisers and dtype promotion) computed with `matmul`."""
-
-  @nn.compact
-  def __call__(self, inputs):
-    kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                        self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    y = matmul(inputs, kernel)
-    if bias is not None:
-      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y
-
-
-def _conv1d(x, w, pad: tuple[int, int], groups: int):
-  return jax.lax.conv_general_dilated(x, w, (1,), (pad,), dimension_numbers=("NWC", "WIO", "NWC"),
-                                      feature_group_count=groups)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv1d_same_stride(x, w, pad: tuple[int, int], groups: int):
-  """Stride-1 (grouped) 1-D convolution, x [B, T, Cin] (NWC), w [K, Cin/groups, Cout] (WIO).
-
-  The gradients are computed as forward convolutions: XLA:CPU's own backward of a grouped
-  convolution (an lhs-dilated / batch-grouped conv) is ~5x slower than its forward; this
-  one is ~4.6x faster than XLA's (data2vec-audio's positional conv, docs/performance.md)."""
-  return _conv1d(x, w, pad, groups)
-
-
-def _conv1d_fwd(x, w, pad, groups):
-  return _conv1d(x, w, pad, groups), (x, w)
-
-
-def _conv1d_bwd(pad, groups, res, gy):
-  x, w = res
-  k, cg, cout = w.shape
-  og = cout // groups
-  lo, hi = pad
-  # dx: correlate gy with the time-flipped kernel, in/out channels swapped within each group.
-  wt = jnp.flip(w.reshape(k, cg, groups, og), 0).transpose(0, 3, 2, 1).reshape(k, og, groups * cg)
-  dx = _conv1d(gy, wt.astype(gy.dtype), (k - 1 - lo, k - 1 - hi), groups)
-  # dw[k, c, g*og + o] = sum_{b,t} xpad[b, t + k, g*cg + c] * gy[b, t, g*og + o]: a grouped
-  # forward conv over time with batch and channels swapped (window = output length).
-  b, t_out = gy.shape[0], gy.shape[1]
-  xp = jnp.pad(x, ((0, 0), (lo, hi), (0, 0)))
-  lhs = xp.reshape(b, xp.shape[1], groups, cg).transpose(3, 1, 2, 0).reshape(cg, xp.shape[1], groups * b)
-  rhs = gy.reshape(b, t_out, groups, og).transpose(1, 0, 2, 3).reshape(t_out, b, groups * og)
-  dw = _conv1d(lhs, rhs.astype(lhs.dtype), (0, 0), groups).transpose(1, 0, 2)
-  return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-conv1d_same_stride.defvjp(_conv1d_fwd, _conv1d_bwd)
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count: int = 1, precision=None,
-                         **kw):
-  """Drop-in for lax.conv_general_dilated (nn.Conv(conv_general_dilated=...)): 1-D stride-1
-  undilated NWC/WIO convolutions take `conv1d_same_stride`, everything else lax."""
-  nwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NWC", "WIO", "NWC"))
-  dn = dimension_numbers
-  if dn is not None and not isinstance(dn, jax.lax.ConvDimensionNumbers):
-    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
-  simple = (lhs.ndim == 3 and tuple(window_strides) == (1,) and not isinstance(padding, str)
-            and all(d in (None, 1) for d in tuple(lhs_dilation or (1,)) + tuple(rhs_dilation or (1,)))
-            and (dn is None or dn == nwc) and precision is None and not kw
-            and kw.get("batch_group_count", 1) == 1)
-  if not simple:
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, precision=precision, **kw)
-  (lo, hi), = padding
-  return conv1d_same_stride(lhs, rhs, (int(lo), int(hi)), int(feature_group_count))
+  def from_config(cls, enc, dtype: str = "float32", platform: str = "") -> "EncoderSpec":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "platform"}
+    return cls(**{k: enc[k] for k in fields if k in enc}, dtype=jnp.dtype(dtype), platform=platform)
 
 
 def gelu(x):
@@ -188,7 +77,7 @@ def gelu(x):
 
 
 def dense(features: int, axes: tuple[str, str], name: str, dtype, use_bias: bool = True) -> nn.Dense:
-  return Dense(
+  return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
       kernel_init=nn.with_logical_partitioning(INIT, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
@@ -304,16 +193,7 @@ def select_attention(requested: str, platform: str, features: AttentionFeatures)
 
 def attention_platform(spec: EncoderSpec) -> str:
   """spec.platform, else the backend jax lowers for by default ("rocm" for a non-CUDA GPU)."""
-  if spec.platform:
-    return spec.platform
-  backend = jax.default_backend()
-  if backend == "gpu":
-    try:
-      if "rocm" in jax.devices()[0].client.platform_version.lower():
-        return "rocm"
-    except Exception:  # noqa: BLE001 - unknown client: assume CUDA
-      pass
-  return backend
+  return cpu_ops.platform(spec.platform)
 
 
 def describe_attention(spec: EncoderSpec, platform: str | None = None, bias: str | None = None) -> str:
@@ -660,14 +540,9 @@ class Encoder(nn.Module):
   collect: str = "ffn"
 
   def _unroll(self) -> int:
-    """Scan iterations to unroll: on CPU an unrolled stack avoids the loop's stacked residual
-    buffers and copies (text / vision small steps 1.19x / 1.18x faster, docs/performance.md)
-    and keeps the stacked parameter layout. Not with remat: unrolled, XLA's common
-    subexpression elimination merges the recomputation back and nothing is saved."""
-    n = self.spec.num_layers
-    if self.spec.scan_unroll > 0:
-      return min(self.spec.scan_unroll, n)
-    return n if jax.default_backend() == "cpu" and remat_policy(self.spec.remat)[0] == "none" else 1
+    s = self.spec
+    return cpu_ops.unroll(cpu_ops.platform(s.platform), s.num_layers, s.scan_unroll,
+                          remat_policy(s.remat)[0] != "none")
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool):

@@ -1,0 +1,61 @@
+"""The model's CPU-only speed-ups (d2v_jax/models/cpu_ops.py) follow the platform the program
+is compiled for: a program exported for TPU or CUDA from this CPU host holds XLA's grouped
+convolution, one for CPU the stacked-taps matmul; the layer scan unrolls on CPU only, following
+the mesh's devices. (Equality with the plain ops: tests/test_v2.py, values and gradients.)"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+from d2v_jax import build as build_lib
+from d2v_jax.models import cpu_ops
+from step_utils import tiny_text_config
+
+
+def _hlo(f, platform: str, *args) -> str:
+  return export.export(jax.jit(f), platforms=[platform])(*args).mlir_module()
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_grouped_conv_lowers_per_platform(ndim):
+  x = jnp.ones((2,) + (6,) * ndim + (16,))
+  w = jnp.ones((3,) * ndim + (4, 16))
+  conv = (lambda x, w: cpu_ops.conv1d(x, w, (1, 1), 4)) if ndim == 1 else (
+      lambda x, w: cpu_ops.conv2d(x, w, 4))
+  loss = lambda x, w: (conv(x, w) ** 2).sum()
+  grads = jax.grad(loss, argnums=(0, 1))
+  for platform in ("tpu", "cuda"):
+    hlo = _hlo(grads, platform, x, w)
+    assert "stablehlo.convolution" in hlo and "feature_group_count = 4" in hlo, platform
+  cpu = _hlo(grads, "cpu", x, w)
+  if ndim == 2:   # the taps matmul: no convolution at all on CPU
+    assert "stablehlo.convolution" not in cpu and "stablehlo.dot_general" in cpu
+  else:   # forward convolutions only: XLA's own kernel gradient is a batch-grouped conv
+    assert "batch_group_count = 4" not in cpu and "batch_group_count = 4" in _hlo(grads, "tpu", x, w)
+
+
+def test_unroll_policy():
+  assert cpu_ops.unroll("cpu", 12, 0, remat=False) == 12
+  assert cpu_ops.unroll("tpu", 12, 0, remat=False) == 1
+  assert cpu_ops.unroll("gpu", 12, 0, remat=False) == 1
+  assert cpu_ops.unroll("cpu", 12, 0, remat=True) == 1       # CSE would undo the remat
+  assert cpu_ops.unroll("tpu", 12, 3, remat=False) == 3      # model.encoder.scan_unroll wins
+
+
+def test_model_is_built_for_the_mesh_platform():
+  built = build_lib.build(tiny_text_config(), devices=jax.devices()[:1])
+  assert built.model.spec.platform == "cpu"
+  jaxpr = jax.make_jaxpr(built.step_fn)(built.abstract_state, built.modality.data.example_batch(built.cfg, 8))
+  unrolls = [e.params["unroll"] for e in jaxpr.jaxpr.eqns for e in _walk(e) if e.primitive.name == "scan"]
+  assert unrolls and all(u == built.cfg.model.encoder.num_layers for u in unrolls), unrolls
+
+
+def _walk(eqn):
+  yield eqn
+  for v in eqn.params.values():
+    for j in (v if isinstance(v, (list, tuple)) else (v,)):
+      inner = getattr(j, "jaxpr", None)
+      inner = getattr(inner, "jaxpr", inner) if inner is not None else None
+      for e in getattr(inner, "eqns", []):
+        yield from _walk(e)
