@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 from d2v_jax import build as build_lib, flops, sharding
-from d2v_jax.models import transformer
+from d2v_jax.models import attention, transformer
 from d2v_jax.modality import load as load_modality
 from d2v_jax.topology import GiB, Topology, roofline
 
@@ -52,7 +52,7 @@ class Report:
   bound_by: str                     # "compute" | "HBM bytes" ("" without compiled figures)
   compile_s: float
   remat: str = "none"
-  attention: str = ""               # transformer.describe_attention for the target platform
+  attention: str = ""               # attention.describe_attention for the target platform
   peak_tflops: float = 0.0          # chip figures the bound used
   hbm_gbps: float = 0.0
   error: str = ""
@@ -172,5 +172,5 @@ def compile_step(cfg, topo: Topology, *, devices=None, backend: str = "tpu") -> 
       model_flops_parts=model, traced_matmul_flops=traced, bytes_per_device=bytes_dev,
       compute_bound_s=compute_s, hbm_bound_s=hbm_s, bound_s=bound_s, bound_by=bound_by,
       compile_s=time.time() - t0, remat=transformer.remat_policy(spec.remat)[0],
-      attention=transformer.describe_attention(spec, transformer.attention_platform(spec)),
+      attention=attention.describe_attention(spec, attention.attention_platform(spec)),
       peak_tflops=topo.chip.peak_tflops, hbm_gbps=topo.chip.hbm_gbps, error=err)

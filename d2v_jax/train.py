@@ -22,7 +22,7 @@ from absl import flags  # noqa: E402
 
 from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed  # noqa: E402
 from d2v_jax import eval_hook, init_weights, metrics as metrics_lib, sharding, validate, watchdog  # noqa: E402
-from d2v_jax.models import transformer  # noqa: E402
+from d2v_jax.models import attention  # noqa: E402
 from d2v_jax.modality import load as load_modality  # noqa: E402
 
 
@@ -164,7 +164,7 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
 def _attention_line(spec, mod) -> str:
   """Which attention implementation `model.encoder.attention` resolved to (teacher and
   student) on the mesh's platform, for the modality's bias kind."""
-  return transformer.describe_attention(spec, bias=getattr(mod.model, "ATTENTION_BIAS", None))
+  return attention.describe_attention(spec, bias=getattr(mod.model, "ATTENTION_BIAS", None))
 
 
 def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos) -> dict:

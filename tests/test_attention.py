@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d2v_jax.models import transformer as T
+from d2v_jax.models import attention, transformer as T
 
 B, L, H, D = 2, 13, 2, 16     # odd length: the cuDNN path's extra hidden position is exercised
 F32_TOL = 1e-5                # float32, same math in another order: measured <= 3e-7
@@ -208,15 +208,15 @@ def test_explicit_choices_and_errors():
 def test_describe_attention_names_teacher_and_student_choice():
   spec = T.EncoderSpec(num_layers=2, hidden=768, heads=12, mlp_dim=3072, attention_dropout=0.1,
                        dtype=jnp.bfloat16)
-  line = T.describe_attention(spec, "gpu", bias="padding")
+  line = attention.describe_attention(spec, "gpu", bias="padding")
   assert line.startswith("attention=auto on gpu (bfloat16, head dim 64): teacher cudnn")
   assert "student xla" in line and "attention_dropout=0" in line
-  assert "student pallas" in T.describe_attention(
+  assert "student pallas" in attention.describe_attention(
       T.EncoderSpec(2, 768, 12, 3072, attention_dropout=0.0, dtype=jnp.bfloat16), "tpu", bias="padding")
-  assert "teacher xla" in T.describe_attention(spec, "tpu", bias="shared")
-  both = T.describe_attention(spec, "tpu")      # no bias kind given: per kind where they differ
+  assert "teacher xla" in attention.describe_attention(spec, "tpu", bias="shared")
+  both = attention.describe_attention(spec, "tpu")      # no bias kind given: per kind where they differ
   assert "pallas for none/padding bias" in both and "xla for shared/per_example bias" in both
-  assert "teacher xla" in T.describe_attention(spec, "cpu")
+  assert "teacher xla" in attention.describe_attention(spec, "cpu")
 
 
 def test_encoder_with_pallas_equals_xla_encoder():

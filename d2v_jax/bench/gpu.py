@@ -294,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
   stub = stub_tensorflow()
   from d2v_jax.bench import setups
-  from d2v_jax.models import transformer as T
+  from d2v_jax.models import attention as A, transformer as T
   device = devices[0]
   deadline = t_start + args.budget_s
   batches = {m: (2 if smoke else b) for m, (_, b) in PROBLEMS.items()}
@@ -312,7 +312,7 @@ def main(args: argparse.Namespace) -> int:
     base = _config(modality, batches[modality], {}, smoke)
     ok, why = parity(base, device, "xla" if smoke else "cudnn")
     print(f"{modality}: cudnn parity {'ok' if ok else 'FAILED'} ({why}); "
-          + T.describe_attention(T.EncoderSpec.from_config(base.model.encoder, base.dtype),
+          + A.describe_attention(T.EncoderSpec.from_config(base.model.encoder, base.dtype),
                                  "gpu", _bias_kind(base)), flush=True)
     for label, over in VARIANTS:
       if smoke and label != "xla":
