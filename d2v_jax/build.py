@@ -30,7 +30,7 @@ class Built:
   state_shardings: TrainState
   batch_shardings: dict
   init: Callable            # init(seed:int) -> sharded TrainState
-  step: Callable            # jitted step(state, batch) -> (state, metrics)
+  step: step_lib.MeshStep   # jitted step(state, batch) -> (state, metrics); .lower(...)
   step_fn: Callable         # the un-jitted pure step
 
 
@@ -84,21 +84,10 @@ def build(cfg, *, mesh=None, devices=None) -> Built:
   example = mod.data.example_batch(cfg, max(cfg.batch_size, 1))
   batch_sh = jax.tree_util.tree_map(lambda _: sharding.batch_sharding(mesh), example)
   fn = step_lib.bind(model, tx, lr_fn, cfg)
-  jitted = step_lib.jit_step(fn, mesh, state_sh, batch_sh, sharding.RULES)
-
-  def run_step(state, batch):
-    with jax.set_mesh(mesh):
-      return jitted(state, batch)
-
-  run_step.lower = lambda *a: _lower(jitted, mesh, *a)
   return Built(cfg=cfg, modality=mod, model=model, tx=tx, lr_fn=lr_fn, mesh=mesh,
                abstract_state=abstract, state_shardings=state_sh, batch_shardings=batch_sh,
-               init=init, step=run_step, step_fn=fn)
-
-
-def _lower(jitted, mesh, *args):
-  with jax.set_mesh(mesh):
-    return jitted.lower(*args)
+               init=init, step=step_lib.jit_step(fn, mesh, state_sh, batch_sh, sharding.RULES),
+               step_fn=fn)
 
 
 def abstract_batch(cfg, modality, batch_shardings) -> dict:

@@ -32,6 +32,7 @@ class Writer:
         if f.read(1) != b"\n":  # a row cut by a crash: end it, so the next row parses
           self._f.write("\n")
     try:
+      # TensorFlow (seconds of import) only once TensorBoard events are written
       import tensorflow as tf
       self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, "tb"))
     except ImportError:  # TensorBoard events are a convenience; JSON lines are the record
@@ -46,6 +47,7 @@ class Writer:
     self._f.write(json.dumps(row) + "\n")
     self._f.flush()
     if self._tb is not None:
+      # TensorFlow (seconds of import) only once TensorBoard events are written
       import tensorflow as tf
       with self._tb.as_default(step=int(step)):
         for k, v in row.items():

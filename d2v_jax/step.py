@@ -77,13 +77,29 @@ def bind(model, tx, lr_fn, cfg):
   return functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, cfg=cfg)
 
 
-def jit_step(step_fn, mesh, state_shardings, batch_shardings, rules):
+class MeshStep:
+  """The jitted step bound to its mesh: call it like the step; `lower(state, batch)` gives
+  the lowered program (the AOT compiler and the benchmarks compile exactly what runs)."""
+
+  def __init__(self, jitted, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, state, batch):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(state, batch)
+
+  def lower(self, state, batch):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(state, batch)
+
+
+def jit_step(step_fn, mesh, state_shardings, batch_shardings, rules) -> MeshStep:
   """The compiled step with explicit in/out shardings; state (argument 0) is donated."""
   metric_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  def wrapped(state, batch):
+  def with_rules(state, batch):
     with nn.logical_axis_rules(rules):
       return step_fn(state, batch)
 
-  return jax.jit(wrapped, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, metric_sh), donate_argnums=(0,))
+  return MeshStep(jax.jit(with_rules, in_shardings=(state_shardings, batch_shardings),
+                          out_shardings=(state_shardings, metric_sh), donate_argnums=(0,)), mesh)

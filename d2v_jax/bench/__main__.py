@@ -1,7 +1,8 @@
 """python -m d2v_jax.bench NAME [options]; `python -m d2v_jax.bench NAME --help` per benchmark.
 
 A benchmark is a module with a one-line docstring, `add_args(parser)` and `main(args) -> int`;
-register it in BENCHMARKS (heavy imports belong inside main, so --help stays fast).
+register it in BENCHMARKS. Only the chosen benchmark is imported, after the process-wide
+settings it needs (_environment), so `--help` stays fast and a module imports at its top.
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ import importlib
 import os
 import sys
 from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/console.py)
-from d2v_jax import distributed  # noqa: E402  (imports no jax)
+from d2v_jax import distributed  # noqa: E402
 
-BENCHMARKS = {
-    "step": "d2v_jax.bench.step",         # our jitted step vs a PyTorch reference, per modality
-    "mfu": "d2v_jax.bench.mfu",           # model FLOPs / step time vs a measured matmul peak
-    "input": "d2v_jax.bench.input",       # host input pipeline (tf.data + masking), 1 core / all
-    "compile": "d2v_jax.bench.compile",   # compile time of the step per modality and size
-    "memory": "d2v_jax.bench.memory",     # peak host RSS of a tiny training run per modality
-    "profile": "d2v_jax.bench.profile",   # where the step's time goes (XLA thunk traces)
-    "gpu": "d2v_jax.bench.gpu",           # base models on a GPU: time, memory, MFU per attention
-    "v2": "d2v_jax.bench.v2",             # data2vec 1.0 vs 2.0: FLOPs / time per masked token
+BENCHMARKS = {   # name: what it measures (module d2v_jax.bench.<name>)
+    "step": "our jitted step vs a PyTorch reference, per modality",
+    "mfu": "model FLOPs / step time vs a measured matmul peak",
+    "input": "host input pipeline (tf.data + masking), 1 core / all",
+    "compile": "compile time of the step per modality and size",
+    "memory": "peak host RSS of a tiny training run per modality",
+    "profile": "where the step's time goes (XLA thunk traces)",
+    "gpu": "base models on a GPU: time, memory, MFU per attention",
+    "v2": "data2vec 1.0 vs 2.0: FLOPs / time per masked token",
 }
 
 
@@ -41,19 +42,24 @@ def _environment(name: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="python -m d2v_jax.bench")
-  sub = parser.add_subparsers(dest="benchmark", required=True,
-                              metavar="{" + ",".join(BENCHMARKS) + "}")
-  for name, module_name in BENCHMARKS.items():
-    module = importlib.import_module(module_name)
-    p = sub.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
-    module.add_args(p)
-    distributed.add_args(p)
-    p.set_defaults(bench_main=module.main)
-  args = parser.parse_args(argv)
-  _environment(args.benchmark)
+  if not argv or argv[0] not in BENCHMARKS:   # usage, the list, or one line naming a bad name
+    top = argparse.ArgumentParser(prog="python -m d2v_jax.bench", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
+    for name, what in BENCHMARKS.items():
+      sub.add_parser(name, help=what)
+    top.parse_args(argv)
+    return 2
+  name = argv[0]
+  _environment(name)
+  module = importlib.import_module(f"d2v_jax.bench.{name}")
+  p = argparse.ArgumentParser(prog=f"python -m d2v_jax.bench {name}",
+                              description=(module.__doc__ or name).strip().splitlines()[0])
+  module.add_args(p)
+  distributed.add_args(p)
+  args = p.parse_args(argv[1:])
+  args.benchmark = name
   distributed.initialize_from_args(args)   # the trainer's start-up: a pod host measures alike
-  return args.bench_main(args)
+  return module.main(args)
 
 
 if __name__ == "__main__":

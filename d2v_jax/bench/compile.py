@@ -14,7 +14,11 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
+
 from d2v_jax import bench
+from d2v_jax import build as build_lib
+from d2v_jax.bench import setups
 
 COLUMNS = ["modality", "size", "dtype", "lower s", "compile s", "total s", "hlo instructions",
            "temp MB", "args MB"]
@@ -31,9 +35,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def measure(modality: str, size: str, dtype: str, batch_size: int,
             overrides: dict | None = None) -> dict:
   """A fresh build (not the benchmarks' shared one), so nothing is cached in-process."""
-  import jax
-  from d2v_jax import build as build_lib
-  from d2v_jax.bench import setups
   cfg = setups.config(modality, size, dtype=dtype, batch_size=batch_size, overrides=overrides)
   built = build_lib.build(cfg, devices=jax.devices()[:1])
   state = built.init(cfg.seed)
@@ -57,8 +58,6 @@ def measure(modality: str, size: str, dtype: str, batch_size: int,
 
 
 def main(args: argparse.Namespace) -> int:
-  import jax
-  from d2v_jax.bench import setups
   jax.config.update("jax_enable_compilation_cache", False)
   rows, skipped = setups.for_each_problem(
       args, lambda m, size, dt, reps, batch, over: measure(m, size, dt, batch, over), "compile s")

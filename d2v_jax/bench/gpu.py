@@ -35,6 +35,10 @@ import sys
 import time
 import types
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from d2v_jax import bench
 
 COLUMNS = ["modality", "attention", "used (teacher / student)", "remat", "batch", "positions",
@@ -71,7 +75,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def gpu_devices(platform: str = "gpu") -> list:
-  import jax
   try:
     return list(jax.devices(platform))
   except RuntimeError:
@@ -107,7 +110,6 @@ def host_batch(cfg, seed: int = 0) -> dict:
   """A v1 batch with the real shapes (numpy only): text tokens with 15 % masked, vision
   Gaussian pixels with 60 % of patches masked, audio Gaussian with every other row a quarter
   padded and 65 % of frames masked."""
-  import numpy as np
   rng = np.random.default_rng(seed)
   b = cfg.batch_size
   if cfg.modality == "text":
@@ -123,6 +125,7 @@ def host_batch(cfg, seed: int = 0) -> dict:
     return {"image": rng.standard_normal((b, s, s, cfg.model.channels)).astype(np.float32),
             "mask": rng.random((b, g * g)) < 0.6}
   if cfg.modality == "audio":
+    # after stub_tensorflow(): the data modules import TensorFlow at their top
     from d2v_jax.data.masking_audio import conv_output_length
     s = int(cfg.data.max_samples)
     lengths = np.where(np.arange(b) % 2 == 0, s, (3 * s) // 4).astype(np.int32)
@@ -137,6 +140,7 @@ def host_batch(cfg, seed: int = 0) -> dict:
 
 
 def _config(modality: str, batch: int, overrides: dict, smoke: bool):
+  # after stub_tensorflow(): the data modules import TensorFlow at their top
   from d2v_jax import config as config_lib
   from d2v_jax.bench import setups
   cwd = os.getcwd()
@@ -168,12 +172,14 @@ def positions(cfg) -> int:
     return int(cfg.data.block_size)
   if cfg.modality == "vision":
     return (cfg.model.image_size // cfg.model.patch_size) ** 2 + 1
+  # after stub_tensorflow(): the data modules import TensorFlow at their top
   from d2v_jax.data.masking_audio import conv_output_length
   return int(conv_output_length(int(cfg.data.max_samples), cfg.model.conv_kernels,
                                 cfg.model.conv_strides))
 
 
 def _bias_kind(cfg) -> str:
+  # after stub_tensorflow(): the data modules import TensorFlow at their top
   from d2v_jax.modality import load
   return load(cfg.modality).model.ATTENTION_BIAS
 
@@ -181,9 +187,7 @@ def _bias_kind(cfg) -> str:
 def parity(cfg, device, dpa_implementation: str = "cudnn") -> tuple[bool, str]:
   """cuDNN path vs XLA path, bf16, on [2, T, heads, head dim] with the model's bias kind:
   forward and q/k/v gradients within 3e-2 of the largest entry."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
+  # after stub_tensorflow(): the data modules import TensorFlow at their top
   from d2v_jax.models import transformer as T
   e = cfg.model.encoder
   h, d = e.heads, e.hidden // e.heads
@@ -219,8 +223,7 @@ def parity(cfg, device, dpa_implementation: str = "cudnn") -> tuple[bool, str]:
 
 def measure_peak(device, n: int, reps: int = 20) -> float:
   """bf16 n x n x n matmul FLOP/s on `device` (median of `reps` after a warm-up)."""
-  import jax
-  import jax.numpy as jnp
+  # after stub_tensorflow(): the data modules import TensorFlow at their top
   from d2v_jax.bench import timing
   a = jax.device_put(jnp.ones((n, n), jnp.bfloat16), device)
   b = jax.device_put(jnp.ones((n, n), jnp.bfloat16), device)
@@ -232,7 +235,7 @@ def measure_peak(device, n: int, reps: int = 20) -> float:
 
 def measure_row(cfg, device, steps: int, remats: tuple[str, ...]) -> dict:
   """Compile and time the step with the first remat policy that fits."""
-  import jax
+  # after stub_tensorflow(): the data modules import TensorFlow at their top
   from d2v_jax import build as build_lib
   from d2v_jax import flops as flops_lib
   from d2v_jax.bench import timing
@@ -288,11 +291,11 @@ def main(args: argparse.Namespace) -> int:
   smoke = args.cpu_smoke
   devices = gpu_devices("cpu" if smoke else "gpu")
   if not devices:
-    import jax
     print(f"{NO_GPU} (jax {jax.__version__} sees {jax.default_backend()} only; "
           f"pip install -r requirements-gpu.txt on a CUDA machine)")
     return 0
   stub = stub_tensorflow()
+  # after stub_tensorflow(): the data modules import TensorFlow at their top
   from d2v_jax.bench import setups
   from d2v_jax.models import attention as A, transformer as T
   device = devices[0]

@@ -28,9 +28,15 @@ import argparse
 import os
 import time
 
+import jax
 import numpy as np
+import tensorflow as tf
 
 from d2v_jax import bench
+from d2v_jax import build as build_lib
+from d2v_jax import config as config_lib
+from d2v_jax import modality as modality_lib
+from d2v_jax.bench import setups, timing
 from d2v_jax.data import audio
 from d2v_jax.data.masking_audio import conv_output_length
 
@@ -92,9 +98,6 @@ def _measure(ds, warmup: int, batches: int, repeats: int,
 def step_examples_per_s(cfg, reps: int, problem: tuple | None = None) -> tuple[float, float]:
   """(examples/s our jitted step consumes on cfg's shapes and batch, median step seconds).
   A benchmark problem's config reuses the step benchmarks' shared build."""
-  import jax
-  from d2v_jax import build as build_lib
-  from d2v_jax.bench import setups, timing
   if problem is not None:
     m, size, b, over = problem
     s = setups.make(m, size, batch_size=b, overrides=over)
@@ -117,8 +120,6 @@ def step_examples_per_s(cfg, reps: int, problem: tuple | None = None) -> tuple[f
 def _configs(args, modality: str) -> tuple[list[tuple], list[str], bool]:
   """[(label, cfg, benchmark problem or None)], overrides to apply, whether to time the
   step by default."""
-  from d2v_jax import config as config_lib
-  from d2v_jax.bench import setups
   sets = list(args.set or [])
   if args.config or args.production:
     fallback = ([f"configs/{modality}.py:variant=base,runlocal"], [])
@@ -172,10 +173,7 @@ class BatchStats:
 
 
 def main(args: argparse.Namespace) -> int:
-  import tensorflow as tf
 
-  from d2v_jax import config as config_lib, modality as modality_lib
-  from d2v_jax.bench import setups
 
   mods = setups.modalities(args.modality)
   batches = args.batches or (20 if args.quick else 100)

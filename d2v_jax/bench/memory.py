@@ -23,6 +23,7 @@ import tempfile
 import time
 
 from d2v_jax import bench
+from d2v_jax.bench import setups
 
 COLUMNS = ["modality", "run", "steps", "peak RSS MB", "over imports MB", "wall s", "exit"]
 BASELINE = ("import jax, flax, optax, orbax.checkpoint, tensorflow, numpy; "
@@ -97,7 +98,6 @@ class Child:
 
 
 def main(args: argparse.Namespace) -> int:
-  from d2v_jax.bench import setups
   mods = ["text"] if args.quick else setups.modalities(args.modality)
   steps = args.steps or (2 if args.quick else 20)
   root = setups.repo_root()

@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import argparse
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from d2v_jax import bench
+from d2v_jax import flops as flops_lib
+from d2v_jax.bench import setups, timing
 
 COLUMNS = ["modality", "size", "dtype", "GFLOP analytic", "GFLOP xla", "step ms",
            "GFLOP/s", "peak GFLOP/s", "MFU %", "MFU % (cpu time)", "MFU % xla"]
@@ -29,7 +35,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--matmul", type=int, default=0, help="peak matmul size N (default 2048)")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", default="bench_results")
-  from d2v_jax.bench import setups
   setups.add_set_arg(p)
 
 
@@ -42,9 +47,6 @@ def xla_flops(lowered_or_compiled) -> float:
 
 
 def matmul_fn(n: int, dtype: str = "float32"):
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal((n, n)), dtype)
   b = jnp.asarray(rng.standard_normal((n, n)), dtype)
@@ -55,9 +57,6 @@ def matmul_fn(n: int, dtype: str = "float32"):
 
 def measure(modality: str, size: str, dtype: str, reps: int, n: int, batch_size: int,
             overrides: dict | None = None) -> dict:
-  import jax
-  from d2v_jax import flops as flops_lib
-  from d2v_jax.bench import setups, timing
   s = setups.make(modality, size, dtype=dtype, batch_size=batch_size, overrides=overrides)
   holder = {"state": s.state}
 
@@ -84,7 +83,6 @@ def measure(modality: str, size: str, dtype: str, reps: int, n: int, batch_size:
 
 
 def main(args: argparse.Namespace) -> int:
-  from d2v_jax.bench import setups, timing
   n = args.matmul or (512 if args.quick else 2048)
   load0 = timing.load()
   rows, skipped = setups.for_each_problem(

@@ -23,7 +23,11 @@ import re
 import shutil
 import tempfile
 
+import jax
+from jax._src.lib import _profile_data
+
 from d2v_jax import bench
+from d2v_jax.bench import setups
 
 _OPNAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -34,7 +38,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--size", default="small")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--dtype", default="float32")
-  from d2v_jax.bench import setups
   setups.add_set_arg(p)
   p.add_argument("--quick", action="store_true", help="tiny size, 1 step")
   p.add_argument("--out", default="bench_results/profile.json")
@@ -116,7 +119,6 @@ def kind(opcode: str, op_name: str, name: str) -> str:
 
 
 def trace_events(trace_dir: str):
-  from jax._src.lib import _profile_data
   files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if not files:
     raise RuntimeError(f"no trace written under {trace_dir}")
@@ -129,7 +131,6 @@ def trace_events(trace_dir: str):
 
 def profile_step(step, state, batch, steps: int, hlo_text: str):
   """Runs `steps` steps under the profiler; returns (rows by phase/kind, top instructions)."""
-  import jax
   instr = instructions(hlo_text)
   d = tempfile.mkdtemp(prefix="d2v_prof_")
   try:
@@ -157,8 +158,6 @@ def profile_step(step, state, batch, steps: int, hlo_text: str):
 
 
 def main(args: argparse.Namespace) -> int:
-  import jax
-  from d2v_jax.bench import setups
   size = "tiny" if args.quick else args.size
   steps = 1 if args.quick else args.steps
   setup = setups.make(args.modality, size, dtype=args.dtype,

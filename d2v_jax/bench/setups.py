@@ -13,10 +13,17 @@ The runlocal recipe of each config (dropout, drop path, EMA, optimizer, loss) is
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
 import os
 from typing import Any
 
+import jax
+
+from d2v_jax import build as build_lib
+from d2v_jax import config as config_lib
+from d2v_jax.modality import load
 
 MODALITIES = ("text", "vision", "audio")
 SIZES = ("tiny", "small")
@@ -48,7 +55,6 @@ def repo_root() -> str:
 def config(modality: str, size: str, *, dtype: str = "float32", batch_size: int = BATCH,
            overrides: dict | None = None):
   """The resolved config of a benchmark problem (no data files needed)."""
-  from d2v_jax import config as config_lib
   if (modality, size) not in SPECS:
     raise ValueError(f"no benchmark problem for modality={modality!r} size={size!r}; "
                      f"known: {sorted(SPECS)}")
@@ -73,7 +79,6 @@ def config(modality: str, size: str, *, dtype: str = "float32", batch_size: int 
 def batch(cfg, seed: int = 0) -> dict:
   """One host batch of the problem: the modality's synthetic_batch (random content, real
   masks; d2v_jax/modality.py)."""
-  from d2v_jax.modality import load
   return load(cfg.modality).data.synthetic_batch(cfg, cfg.batch_size, seed)
 
 
@@ -101,8 +106,6 @@ def make(modality: str, size: str, *, dtype: str = "float32", batch_size: int = 
   """The problem with a fresh initial state; the build (config, jitted step, batch) is
   shared by later calls with the same arguments, so benchmarks in one process compile a
   step once."""
-  import jax
-  from d2v_jax import build as build_lib
   devices = list(devices if devices is not None else jax.devices()[:1])
   key = _key(modality, size, dtype, batch_size, overrides, devices)
   if key not in _BUILT:
@@ -118,9 +121,6 @@ def available(modality: str) -> str | None:
   """None when the modality's model, data and HF modules import and its tiny model builds;
   else the reason (one line)."""
   try:
-    import importlib
-    import jax
-    from d2v_jax import build as build_lib
     build_lib.build(config(modality, "tiny", batch_size=2), devices=jax.devices()[:1])
     importlib.import_module(f"d2v_jax.hf.{modality}")
   except Exception as e:  # noqa: BLE001 - report any failure as "not available"
@@ -137,7 +137,6 @@ def add_set_arg(p) -> None:
 def parse_sets(items: list[str] | None) -> dict:
   """["model.encoder.scan=false", "model.encoder.hidden=128"] -> overrides (Python literals,
   true/false, else the string)."""
-  import ast
   out = {}
   for item in items or []:
     key, eq, value = item.partition("=")

@@ -20,7 +20,11 @@ import argparse
 import os
 import time
 
+import jax
+import torch
+
 from d2v_jax import bench
+from d2v_jax.bench import setups, timing, torch_ref
 
 COLUMNS = ["modality", "size", "dtype", "threads", "ours ms", "torch ms", "ours/torch",
            "ours noise", "torch noise", "ours cpu ms", "torch cpu ms", "cpu ours/torch",
@@ -37,15 +41,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--quick", action="store_true",
                  help="text tiny cut to 1 layer x 32 tokens, batch 4, 2 rounds (CI smoke)")
   p.add_argument("--out", default="bench_results")
-  from d2v_jax.bench import setups
   setups.add_set_arg(p)
 
 
 def compare(modality: str, size: str, dtype: str, reps: int, batch_size: int,
             overrides: dict | None = None) -> dict:
   """One row: ours vs torch on the same weights, batch and masks."""
-  import jax
-  from d2v_jax.bench import setups, timing, torch_ref
 
   s = setups.make(modality, size, dtype=dtype, batch_size=batch_size, overrides=overrides)
   ref = torch_ref.TorchData2Vec(s.cfg, jax.device_get(s.state.params), dtype=dtype)
@@ -83,10 +84,7 @@ def compare(modality: str, size: str, dtype: str, reps: int, batch_size: int,
 
 def main(args: argparse.Namespace) -> int:
   if args.threads == "1":
-    from d2v_jax.bench import timing
     timing.pin_to_one_core()
-  from d2v_jax.bench import setups, timing
-  import torch
   torch.manual_seed(0)
   load0 = timing.load()
 

@@ -21,8 +21,12 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 
-from d2v_jax import ema as ema_lib
+from d2v_jax import ema as ema_lib, optim
+from d2v_jax.data.masking_audio import conv_output_length
+from d2v_jax.hf import common as hf_common
+from d2v_jax.modality import load as load_modality
 
 # Our EMA subtree name -> HF module attribute paths it covers (per modality).
 EMA_MODULES = {
@@ -34,12 +38,6 @@ EMA_MODULES = {
 }
 
 
-def _get_attr(module, path: str):
-  for p in path.split("."):
-    module = getattr(module, p)
-  return module
-
-
 def _set_param(module, name: str, param) -> None:
   *parents, leaf = name.split(".")
   for p in parents:
@@ -47,23 +45,19 @@ def _set_param(module, name: str, param) -> None:
   setattr(module, leaf, param)
 
 
+# The PyTorch base class of each modality's HF family, and whether it takes add_pooling_layer.
+HF_MODELS = {"text": ("Data2VecTextModel", True), "vision": ("Data2VecVisionModel", True),
+             "audio": ("Data2VecAudioModel", False)}
+
+
 def hf_model(cfg, state: dict[str, np.ndarray]):
   """The HF base model of cfg.modality holding `state` (bare torch names)."""
   m = cfg.modality
-  if m == "text":
-    from transformers import Data2VecTextModel
-    from d2v_jax.hf import text as hf
-    model = Data2VecTextModel(hf.hf_config(cfg), add_pooling_layer=False)
-  elif m == "vision":
-    from transformers import Data2VecVisionModel
-    from d2v_jax.hf import vision as hf
-    model = Data2VecVisionModel(hf.hf_config(cfg), add_pooling_layer=False)
-  elif m == "audio":
-    from transformers import Data2VecAudioModel
-    from d2v_jax.hf import audio as hf
-    model = Data2VecAudioModel(hf.hf_config(cfg))
-  else:
+  if m not in HF_MODELS:
     raise ValueError(f"no PyTorch reference for modality {m!r}")
+  name, pooling = HF_MODELS[m]
+  model = getattr(transformers, name)(load_modality(m).hf().hf_config(cfg),
+                                      **({"add_pooling_layer": False} if pooling else {}))
   state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()
            if not k.startswith("pooler.")}
   missing, unexpected = model.load_state_dict(state, strict=False)
@@ -75,9 +69,7 @@ def hf_model(cfg, state: dict[str, np.ndarray]):
 
 
 def to_hf_state(params, cfg) -> dict[str, np.ndarray]:
-  from d2v_jax.hf import common
-  from d2v_jax.modality import load
-  return common.to_hf_state(load(cfg.modality).hf(), params, cfg)
+  return hf_common.to_hf_state(load_modality(cfg.modality).hf(), params, cfg)
 
 
 class Head(torch.nn.Module):
@@ -124,7 +116,6 @@ def _norm(kind: str, x, valid):
 
 
 def _lr_table(cfg) -> np.ndarray:
-  from d2v_jax import optim
   _, lr_fn = optim.make(cfg.optim, cfg.total_steps)
   return np.asarray(lr_fn(np.arange(cfg.total_steps + 1)), np.float64)
 
@@ -198,7 +189,6 @@ class TorchData2Vec:
   def _frame_valid(self, batch, t: int):
     if self.modality != "audio":
       return None
-    from d2v_jax.data.masking_audio import conv_output_length
     m = self.cfg.model
     lengths = np.asarray(batch.get("audio_len", np.full((batch["audio"].shape[0],), batch["audio"].shape[1])))
     frames = np.asarray(conv_output_length(lengths, tuple(m.conv_kernels), tuple(m.conv_strides)))
@@ -273,8 +263,3 @@ def _torch_no_decay(o) -> tuple[str, ...]:
   for n in o.get("no_decay", ()):
     out += list(alias.get(n, (n,)))
   return tuple(out)
-
-
-def flops_note() -> str:
-  return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-

@@ -15,8 +15,17 @@ XLA's temporary bytes. It ends with one line per modality:
 from __future__ import annotations
 
 import argparse
+import os
 
-from d2v_jax import bench
+import flax.linen as nn
+import jax
+import numpy as np
+
+from d2v_jax import bench, sharding
+from d2v_jax import build as build_lib
+from d2v_jax import config as config_lib
+from d2v_jax import flops as flops_lib
+from d2v_jax.bench import setups, timing
 
 COLUMNS = ["modality", "objective", "size", "batch", "views", "masked/example", "GFLOP/example",
            "GFLOP/view", "MFLOP/masked token", "ms/step", "us/masked token", "temp MB"]
@@ -33,9 +42,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(modality: str, size: str, v2: bool, batch: int, quick: bool = False):
-  import os
-  from d2v_jax import config as config_lib
-  from d2v_jax.bench import setups
   cwd = os.getcwd()
   os.chdir(setups.repo_root())
   try:
@@ -52,16 +58,11 @@ def _config(modality: str, size: str, v2: bool, batch: int, quick: bool = False)
 
 
 def _masked_tokens(batch: dict) -> float:
-  import numpy as np
   return float(np.asarray(batch["mask"]).sum())
 
 
 def measure(modality: str, size: str, v2: bool, batch: int, *, time_it: bool, reps: int,
             quick: bool = False) -> dict:
-  import flax.linen as nn
-  import jax
-  from d2v_jax import build as build_lib, flops as flops_lib, sharding
-  from d2v_jax.bench import setups, timing
   cfg = _config(modality, size, v2, batch, quick)
   built = build_lib.build(cfg, devices=jax.devices()[:1])
   host = setups.batch(cfg)   # real generator masks (at the largest crop)
@@ -95,8 +96,6 @@ def measure(modality: str, size: str, v2: bool, batch: int, *, time_it: bool, re
 
 
 def main(args: argparse.Namespace) -> int:
-  import jax
-  from d2v_jax.bench import setups
   rows, ratios = [], {}
   reps = 2 if args.quick else args.reps
   for modality in setups.modalities(args.modality):

@@ -18,6 +18,7 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str) -> None:
   """RoBERTa-style byte-level BPE on `texts` (iterable of str), saved as an HF fast
   tokenizer dir: <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> = last id. Deterministic for a given
   corpus. Written to a temporary dir and renamed, so concurrent processes never see half."""
+  # tokenizers / transformers (seconds of import) only where a tokenizer is made
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   from transformers import RobertaTokenizerFast
 
@@ -50,6 +51,7 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str) -> None:
 
 
 def load_tokenizer(path: str):
+  # (see train_tokenizer: import cost)
   from transformers import AutoTokenizer
   try:
     return AutoTokenizer.from_pretrained(path, use_fast=True)
@@ -61,6 +63,7 @@ def load_tokenizer(path: str):
 def corpus_encoder(tok):
   """A copy of tok's Rust tokenizer with padding and truncation off (a published
   tokenizer.json often pads and truncates every encoding to 128 or 512 tokens)."""
+  # (see train_tokenizer: import cost)
   from tokenizers import Tokenizer
   backend = getattr(tok, "backend_tokenizer", None)
   if backend is None:

@@ -77,6 +77,7 @@ def check_representable(cfg) -> None:
 
 def hf_config(cfg):
   """transformers.Data2VecAudioConfig for our audio model."""
+  # transformers (seconds of import) only where an HF object is made
   from transformers import Data2VecAudioConfig
   check_representable(cfg)
   m, enc = cfg.model, cfg.model.encoder
@@ -105,6 +106,7 @@ def complete(state: dict, cfg) -> dict:
 def feature_extractor(cfg):
   """Wav2Vec2FeatureExtractor matching our input: mono, cfg rate, per-utterance normalisation
   (do_normalize) and an attention mask (the padding is masked out, as in our batches)."""
+  # (transformers: see hf_config)
   from transformers import Wav2Vec2FeatureExtractor
   return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=int(cfg.data.sample_rate),
                                   padding_value=0.0, do_normalize=bool(cfg.data.normalize),

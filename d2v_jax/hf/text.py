@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 
+from d2v_jax.config import ConfigError
 from d2v_jax.data import sources, text as text_data
 from d2v_jax.hf import common
 from d2v_jax.hf.common import Table
@@ -60,7 +61,6 @@ def table(cfg) -> Table:
 def check_representable(cfg) -> None:
   enc = cfg.model.encoder
   if cfg.model.vocab_size is None:
-    from d2v_jax.config import ConfigError
     raise ConfigError("model.vocab_size is unset: run d2v_jax.data.text.prepare (reads the "
                       "tokenizer) or pass --config.model.vocab_size")
   common.check_representable(cfg, [
@@ -73,6 +73,7 @@ def check_representable(cfg) -> None:
 def hf_config(cfg, bos_id: int = 0, eos_id: int = 2):
   """transformers.Data2VecTextConfig for our text model (conversion-script values: 514/1/1e-5).
   bos / eos default to RoBERTa's <s>=0 / </s>=2; the export passes the tokenizer's own."""
+  # transformers (seconds of import) only where an HF object is made
   from transformers import Data2VecTextConfig
   check_representable(cfg)
   m, enc = cfg.model, cfg.model.encoder
@@ -118,6 +119,7 @@ def complete_flax(tree: dict, cfg) -> dict:
 
 def _write_tokenizer(cfg, workdir: str, out_dir: str):
   """Copies the run's tokenizer files into out_dir; returns the tokenizer loaded from there."""
+  # (transformers: see hf_config)
   from transformers import AutoTokenizer
   src = cfg.data.tokenizer or os.path.join(sources.local_dir(workdir), "tokenizer")
   if os.path.isdir(src):

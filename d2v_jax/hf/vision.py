@@ -62,6 +62,7 @@ def out_indices(num_layers: int) -> list[int]:
 
 def hf_config(cfg):
   """transformers.Data2VecVisionConfig of the pretraining layout (official conversion + mask token)."""
+  # transformers (seconds of import) only where an HF object is made
   from transformers import Data2VecVisionConfig
   check_representable(cfg)
   m, enc = cfg.model, cfg.model.encoder
@@ -78,6 +79,7 @@ def hf_config(cfg):
 
 def image_processor(cfg):
   """BeitImageProcessor: resize to image_size (bicubic), no centre crop, our mean / std."""
+  # (transformers: see hf_config)
   from transformers import BeitImageProcessor
   from transformers.image_utils import PILImageResampling
   s = cfg.model.image_size

@@ -258,6 +258,7 @@ def _attend_pallas(q, k, v, bias):
   ids; T is padded to a multiple of the 128-tile with hidden keys (T <= 128 costs a whole tile). Under a mesh the
   kernel runs per shard (shard_map over the batch and head axes): a Pallas call is not
   partitioned by XLA."""
+  # the Pallas TPU kernel is imported only where it is used
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
   b, t, h, d = q.shape
   scale = float(1.0 / np.sqrt(d))

@@ -29,7 +29,8 @@ def fit_probes(x: np.ndarray, labels: np.ndarray, *, seed: int = 0, test_frac: f
 
   `chance` is the majority-class fraction of the test split (what a constant guess scores).
   """
-  from sklearn.linear_model import LogisticRegression   # (see split: import cost)
+  # (sklearn: see split, import cost)
+  from sklearn.linear_model import LogisticRegression
   from sklearn.neighbors import KNeighborsClassifier
   from sklearn.preprocessing import StandardScaler
   x = np.asarray(x, np.float64)
