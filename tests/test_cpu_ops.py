@@ -1,16 +1,25 @@
 """The model's CPU-only speed-ups (d2v_jax/models/cpu_ops.py) follow the platform the program
 is compiled for: a program exported for TPU or CUDA from this CPU host holds XLA's grouped
-convolution, one for CPU the stacked-taps matmul; the layer scan unrolls on CPU only, following
-the mesh's devices. (Equality with the plain ops: tests/test_v2.py, values and gradients.)"""
+convolution and plain weight gradients, one for CPU the stacked-taps matmul and the barriered
+transposes; the layer scan unrolls on CPU only, following the mesh's devices; the CPU threefry
+kernel gives the same bits. (Conv equality with nn.Conv: tests/test_v2.py.)"""
 
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import export
 
 from d2v_jax import build as build_lib
 from d2v_jax.models import cpu_ops
 from step_utils import tiny_text_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _hlo(f, platform: str, *args) -> str:
@@ -59,3 +68,40 @@ def _walk(eqn):
       inner = getattr(inner, "jaxpr", inner) if inner is not None else None
       for e in getattr(inner, "eqns", []):
         yield from _walk(e)
+
+
+def test_dense_matches_nn_dense_and_its_cpu_gradient_is_cpu_only():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 24))
+  ours, ref = cpu_ops.Dense(40), nn.Dense(40)
+  p = ref.init(jax.random.PRNGKey(1), x)
+  loss = lambda m: lambda p, x: (m.apply(p, x) ** 2).sum()
+  np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss(ours), argnums=(0, 1))(p, x)),
+                  jax.tree_util.tree_leaves(jax.grad(loss(ref), argnums=(0, 1))(p, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(loss(ours))
+  assert "optimization_barrier" in _hlo(grads, "cpu", p, x)
+  assert "optimization_barrier" not in _hlo(grads, "tpu", p, x)
+
+
+FAST_THREEFRY = """
+import hashlib, jax, numpy as np
+from d2v_jax.models import cpu_ops
+f = jax.jit(lambda k: jax.random.bits(k, (4096,)))
+k = jax.random.PRNGKey(7)
+hlo = lambda: f.lower(k).compile().as_text()
+before, loop_before = np.asarray(f(k)), "while" in hlo()
+assert cpu_ops.fast_threefry() and cpu_ops.fast_threefry()   # once, idempotent
+jax.clear_caches()
+after, loop_after = np.asarray(f(k)), "while" in hlo()
+print(loop_before, loop_after, bool((before == after).all()))
+"""
+
+
+def test_fast_threefry_gives_the_same_bits_without_the_loop():
+  """A fresh process (the registration lasts the process): the CPU kernel of jax.random.bits
+  loses its rolled loop and gives the same bits."""
+  out = subprocess.run([sys.executable, "-c", FAST_THREEFRY], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["True", "False", "True"]

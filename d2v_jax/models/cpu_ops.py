@@ -8,15 +8,27 @@ compiled for, never patched into JAX:
   conv2d(x, w, groups)        stride-1 'same' 2-D grouped convolution (vision decoder). On CPU
                               one matmul over the stacked kernel taps: XLA:CPU runs grouped
                               convolutions through a slow generic loop.
+  Dense                       nn.Dense whose weight gradient, on CPU, transposes the smaller
+                              operand explicitly (XLA:CPU transposes the larger one).
   unroll(platform, ...)       layers per scan iteration: on CPU the whole stack (no stacked
                               residual buffers and copies of the loop).
+  fast_threefry()             the CPU lowering of jax's threefry2x32 (dropout's random bits)
+                              as one straight-line kernel, as jax lowers it for GPU / TPU,
+                              instead of a rolled 5-iteration loop: the same bits.
 
-The two convolutions use jax.lax.platform_dependent: both branches are traced and the one for
-the platform the program is lowered for is kept, so a TPU or GPU compile (an ahead-of-time
-one from a CPU host included) gets XLA's own convolution. The unroll follows the platform of
-the mesh the step is built on (build.py sets EncoderSpec.platform). Each is tested equal to
-the plain op, values and gradients (tests/test_v2.py, tests/test_remat.py); speed-ups are
-measured in docs/performance.md.
+The convolutions and the Dense gradient use jax.lax.platform_dependent: both branches are
+traced and the one for the platform the program is lowered for is kept, so a TPU or GPU
+compile (an ahead-of-time one from a CPU host included) gets XLA's own op. The unroll follows
+the platform of the mesh the step is built on (build.py sets EncoderSpec.platform), and
+build.py calls fast_threefry() only for a CPU mesh: it is the one hook into jax internals
+(jax._src), registered explicitly, never at import, and skipped when the internals moved.
+Each is tested equal to the plain op (tests/test_cpu_ops.py, tests/test_v2.py).
+
+Re-measured on the 2-core CPU machine (`python -m d2v_jax.bench`-style setups, median process
+CPU ms per step, old = with, new = without): threefry 13 % and the Dense gradient 8 % of a
+text small step; both together 6 % of vision small and 4 % of audio small; the unrolled scan
+1.18x on text / vision small; the taps 2-D conv 10-28x on the vision decoder; the 1-D
+forward-conv gradients ~4.6x on the grouped conv backward (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import functools
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +65,72 @@ def unroll(platform_name: str, num_layers: int, scan_unroll: int, remat: bool) -
   if scan_unroll > 0:
     return min(scan_unroll, num_layers)
   return num_layers if platform_name == "cpu" and not remat else 1
+
+
+def _dw_cpu(x2, g2):
+  """x2 [M, K], g2 [M, N] -> x2^T g2 [K, N] with the smaller operand transposed explicitly; the
+  barriers keep XLA from folding the transposes back into the dot."""
+  k, n = x2.shape[1], g2.shape[1]
+  if k <= n:
+    return jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
+  return jax.lax.optimization_barrier(jnp.dot(jax.lax.optimization_barrier(g2.T), x2)).T
+
+
+def _dw(x2, g2):
+  return jnp.dot(x2.T, g2)
+
+
+@jax.custom_vjp
+def matmul(x, w):
+  """x [..., K] @ w [K, N]; the same product as nn.Dense, with a CPU-friendly weight gradient."""
+  return jnp.dot(x, w)
+
+
+def _matmul_fwd(x, w):
+  return jnp.dot(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+  x, w = res
+  k, n = w.shape
+  dx = jnp.dot(g, w.T).astype(x.dtype)
+  dw = jax.lax.platform_dependent(x.reshape(-1, k), g.reshape(-1, n), cpu=_dw_cpu, default=_dw)
+  return dx, dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Dense(nn.Dense):
+  """nn.Dense (same parameters, initialisers and dtype promotion) computed with `matmul`."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = matmul(inputs, kernel)
+    if bias is not None:
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+_FAST_THREEFRY: list = []
+
+
+def fast_threefry() -> bool:
+  """Registers jax's own straight-line threefry2x32 lowering (the GPU / TPU one) for CPU; once
+  per process. False (and nothing registered) when jax's internals are not where expected."""
+  if not _FAST_THREEFRY:
+    try:
+      from jax._src.interpreters import mlir   # jax internals: see the module docstring
+      from jax._src.random import threefry2x32 as tf
+      mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule, platform="cpu")
+      _FAST_THREEFRY.append(True)
+    except (ImportError, AttributeError):
+      _FAST_THREEFRY.append(False)
+  return _FAST_THREEFRY[0]
 
 
 def _conv1d_xla(x, w, pad: tuple[int, int], groups: int):

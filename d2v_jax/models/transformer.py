@@ -72,7 +72,7 @@ def gelu(x):
 
 
 def dense(features: int, axes: tuple[str, str], name: str, dtype, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(
+  return cpu_ops.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
       kernel_init=nn.with_logical_partitioning(INIT, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
