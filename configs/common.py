@@ -160,7 +160,8 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   # rank_pred (eval.step_rank_every; 1 = all targets on one line, D = none correlated),
   # averaged over the last rank_window steps that computed them, below these absolute floors
   # from step rank_after on; 0 = off. Runlocal tiny (D = 64) rank_target: text ~45, vision
-  # ~15, audio ~6-8 (its features probe below random init).
+  # ~15, audio ~14 (~5-7 when its teacher shared the student's positional conv: features
+  # that probed below random init, docs/evaluation.md).
   c.guards.min_target_rank = 8.0
   c.guards.min_pred_rank = 0.0
   c.guards.rank_window = 5
