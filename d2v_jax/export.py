@@ -79,10 +79,11 @@ def export(workdir: str, out: str, weights: str = "student", step: int | None = 
   params, cfg, step, built = restore_params(workdir, weights, step)  # every process: orbax
   if not writer:
     return out
+  hf_map = built.modality.hf()   # a modality without an HF map: one error, nothing written
   os.makedirs(out, exist_ok=True)
-  hf_common.export(built.modality.hf(), params, cfg, out, workdir)
+  hf_common.export(hf_map, params, cfg, out, workdir)
   hf_common.write_json({"workdir": os.path.abspath(workdir), "step": step, "weights": weights,
-              "modality": cfg.modality}, os.path.join(out, MARKER))
+                        "modality": cfg.modality}, os.path.join(out, MARKER))
   return out
 
 
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
   distributed.initialize_from_args(a)
   try:
     out = export(a.workdir, a.out, a.weights, a.step, a.overwrite)
-  except (ExportError, checkpoint.NoCheckpoint) as e:
+  except (ExportError, checkpoint.NoCheckpoint, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)
   if distributed.is_writer():

@@ -4,7 +4,7 @@
 
   "text", "vision", "audio"   built in: d2v_jax/models/<m>.py, d2v_jax/data/<m>.py, d2v_jax/hf/<m>.py
   "pkg.sub"                   your own, importable package: pkg/sub/model.py, pkg/sub/data.py and,
-                              optionally, pkg/sub/hf.py (tests/sensor_modality is a worked example)
+                              optionally, pkg/sub/hf.py (a worked example: tests/test_fourth_modality.py)
 
 plus a config file (`configs/<m>.py` or anywhere: get_config(arg) -> ConfigDict built on
 configs/common.base_config, with `modality` set to the name above). The contract:
