@@ -124,7 +124,8 @@ def fast_threefry() -> bool:
   per process. False (and nothing registered) when jax's internals are not where expected."""
   if not _FAST_THREEFRY:
     try:
-      from jax._src.interpreters import mlir   # jax internals: see the module docstring
+      # jax internals (see the module docstring): imported only where they are registered
+      from jax._src.interpreters import mlir
       from jax._src.random import threefry2x32 as tf
       mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule, platform="cpu")
       _FAST_THREEFRY.append(True)
