@@ -1,4 +1,4 @@
-"""data2vec-audio on a wav2vec 2.0 encoder (ALGORITHM.md §2.3).
+"""data2vec-audio on a wav2vec 2.0 encoder (docs/algorithm.md §2.3).
 
   python -m d2v_jax.train --config configs/audio.py:variant=base --workdir runs/audio_base \
       --config.data.path=librispeech --config.data.split=train_clean100+train_clean360+train_other500
@@ -11,7 +11,7 @@
 
 Arguments after the colon: variant=tiny|base|large, runlocal, v2 (`runlocal` alone: tiny). `large` only scales the
 encoder (24 x 1024, 16 heads) with the base recipe; its released hyper-parameters were not
-checked (ALGORITHM.md covers base only).
+checked (docs/algorithm.md covers base only).
 
 `base` is the released fairseq recipe (examples/data2vec/config/audio/pretraining/
 base_librispeech.yaml): 7-layer conv feature extractor (512 ch, kernels (10,3,3,3,3,2,2),
@@ -77,7 +77,7 @@ def get_config(arg: str | None = None):
   c.model.conv_norm = "layer"        # layer: every conv layer (data2vec) | group: wav2vec2 base | none
   c.model.feature_dropout = 0.0      # fairseq dropout_input
   # Gradient into the conv feature encoder x this (fairseq feature_grad_mult): 1.0 = data2vec
-  # (ALGORITHM.md); wav2vec 2.0 base used 0.1.
+  # (docs/algorithm.md); wav2vec 2.0 base used 0.1.
   c.model.feature_grad_mult = 1.0
   c.model.pos_conv = "data2vec"      # data2vec: depth x (conv, LN, GELU) | wav2vec2: weight-normed k=128
   c.model.pos_conv_depth = 5
@@ -161,7 +161,7 @@ def get_config(arg: str | None = None):
 
 
 def v2(c, layers: int, hidden: int, runlocal: bool) -> None:
-  """data2vec 2.0 (fairseq config/v2/base_audio_only_task.yaml, ALGORITHM.md §3.7, §3.9) on
+  """data2vec 2.0 (fairseq config/v2/base_audio_only_task.yaml, docs/algorithm.md §3.7, §3.9) on
   the same data2vec-audio encoder (ALiBi is not used: the export must load in
   Data2VecAudioModel). M = 8 clones, 1-D block masks (R 0.5, A 0.05, B 5, exact count per
   row, computed after the bucketed crop), masked frames zeroed before the positional conv,

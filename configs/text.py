@@ -1,4 +1,4 @@
-"""data2vec-text on a RoBERTa encoder (ALGORITHM.md §2.1).
+"""data2vec-text on a RoBERTa encoder (docs/algorithm.md §2.1).
 
   python -m d2v_jax.train --config configs/text.py:variant=base --workdir runs/text_base \
       --config.data.path='gs://bucket/corpus/*.txt'
@@ -18,7 +18,7 @@ wd 0.01, lr 2e-4, 10k warmup + cosine over 1M updates, clip 5, 256 x 512-token b
 `.ci/setup` (Debian package bible-kjv) to data/text/kjv.txt.
 
 `v2` is data2vec 2.0 (fairseq examples/data2vec/config/v2/base_text_only_task.yaml,
-ALGORITHM.md §3.7) on the same RoBERTa encoder: M = 8 clones per sequence, 48 % of tokens
+docs/algorithm.md §3.7) on the same RoBERTa encoder: M = 8 clones per sequence, 48 % of tokens
 masked uniformly at random (exact count), the student encodes only the visible tokens, a
 5-layer conv decoder (768 ch, kernel 9, no groups, no residual, 2-layer projection, input
 dropout 0.1) predicts the masked ones; targets = mean of the instance-normalised FFN outputs

@@ -1,4 +1,4 @@
-"""data2vec-vision on a BEiT encoder (ALGORITHM.md §2.2).
+"""data2vec-vision on a BEiT encoder (docs/algorithm.md §2.2).
 
   python -m d2v_jax.train --config configs/vision.py:variant=base --workdir runs/vision_base \
       --config.data.tfds_data_dir=gs://bucket/tensorflow_datasets
@@ -20,7 +20,7 @@ of the whole model at constant tau 0.9998, AdamW(0.9, 0.999, eps 1e-8) lr 2e-3 (
 from 1e-6, cosine to 1e-5), wd 0.05 except biases / norms / layer scales / tokens / the
 relative position table, clip 3, batch 2048, 800 ImageNet epochs.
 
-Paper vs released command (both real, ALGORITHM.md §2.2): the paper says warm-up 40 epochs
+Paper vs released command (both real, docs/algorithm.md §2.2): the paper says warm-up 40 epochs
 and stochastic depth 0.2; the README command uses `--warmup_epochs 10 --drop_path 0.25`.
 We follow the command (10 epochs, 0.25) because it is the recipe that was run; override
 with --config.optim.warmup_steps=25_000 --config.model.encoder.drop_path=0.2 for the paper.
@@ -40,7 +40,7 @@ at +-1 std for every Linear, the patch conv and the CLS / mask tokens, and each 
 attention output and fc2 weights divided by sqrt(2 * layer); "bert" keeps N(0, 0.02).
 
 `v2` is data2vec 2.0 (fairseq examples/data2vec/config/v2/base_images_only_task.yaml,
-ALGORITHM.md §3.7) run on the same BEiT encoder (so the export still loads in
+docs/algorithm.md §3.7) run on the same BEiT encoder (so the export still loads in
 Data2VecVisionModel; the released v2 ViT is post-LN with fixed sin-cos positions, which no HF
 Data2Vec class holds): M = 16 clones per image, inverse block masking (R 0.8, A 0.07, B 3:
 39 of 196 patches visible), the student encodes only the visible patches (+ CLS, the

@@ -1,4 +1,4 @@
-"""EMA teacher: decay schedule tau(step) and the elementwise update (ALGORITHM.md §1.1).
+"""EMA teacher: decay schedule tau(step) and the elementwise update (docs/algorithm.md §1.1).
 
 tau(n) = tau_end - (tau_end - tau_start) * (1 - n / anneal_steps) for n < anneal_steps,
 tau_end afterwards (fairseq `get_annealed_rate`); anneal_steps <= 0 or tau_start == tau_end

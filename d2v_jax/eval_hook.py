@@ -79,7 +79,8 @@ class Hook:
     do_rank, do_probe = self.due(step)
     if not (do_rank or do_probe):
       return {}
-    # The step that made `state` may still run; one program at a time (ENV.md: CPU collectives).
+    # The step that made `state` may still run: one program at a time (on CPU, the collectives
+    # of two programs in flight can deadlock XLA's rendezvous).
     jax.block_until_ready(state)
     out: dict = {}
     student = state.params

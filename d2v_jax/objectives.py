@@ -6,7 +6,7 @@ EMA, metrics) the same way for both. `aux` holds what the metrics read: pred / t
 at the loss positions ([N, T, D] / [N, T, D] / [N, T]), the raw top-K teacher layers `top`
 [K, B, T, D] with their `valid` and `top_mask` [B, T], and the local encoder's `features`.
 
-v1 (data2vec 1.0, ALGORITHM.md §1): the teacher encodes the unmasked input, the student the
+v1 (data2vec 1.0, docs/algorithm.md §1): the teacher encodes the unmasked input, the student the
   masked input (mask token / masked ids / mask embedding), a regression head predicts the
   targets at the masked positions.
 v2 (data2vec 2.0, §3): the local features are computed once per example; the teacher

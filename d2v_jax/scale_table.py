@@ -29,8 +29,8 @@ def table(path: str, entries=TABLE_ENTRIES, topologies=TABLE_TOPOLOGIES,
           cache_path: str = TABLE_CACHE) -> None:
   """Compiles every (config, topology), searches the largest batch, writes a markdown table
   between the scale-table markers of `path`. Results are cached in `cache_path` (.jsonl, one
-  row per entry and topology) so an interrupted run resumes and a second file (README.md,
-  docs/scale.md) is rendered from the same rows without compiling again."""
+  row per entry and topology) so an interrupted run resumes and another file is rendered
+  from the same rows without compiling again."""
   done = {}
   if os.path.exists(cache_path):
     for line in open(cache_path):

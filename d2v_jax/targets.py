@@ -1,4 +1,4 @@
-"""data2vec targets and regression losses (ALGORITHM.md §1.2-1.3).
+"""data2vec targets and regression losses (docs/algorithm.md §1.2-1.3).
 
 Targets: the teacher's per-layer outputs of the top K blocks, each normalised
 (parameter-free LayerNorm over channels, or instance norm over time per channel with padded

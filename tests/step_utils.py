@@ -28,7 +28,7 @@ def run_steps(cfg, n: int, devices=None, batch=None):
   out = []
   for _ in range(n):
     state, m = built.step(state, build_lib.to_global(batch, built.batch_shardings))
-    jax.block_until_ready(state)  # ENV.md: one step in flight avoids the CPU rendezvous deadlock
+    jax.block_until_ready(state)  # one step in flight avoids XLA:CPU's collective rendezvous deadlock
     out.append({k: float(v) for k, v in jax.device_get(m).items()})
   return jax.device_get(state), out, built
 

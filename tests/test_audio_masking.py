@@ -195,7 +195,7 @@ def test_instance_norm_excludes_padding_hand_computed():
 
 # ------------------------------------------------------------------ data2vec 2.0 block masks
 
-R, A, B = 0.5, 0.05, 5   # v2 audio base (ALGORITHM.md §3.4)
+R, A, B = 0.5, 0.05, 5   # v2 audio base (docs/algorithm.md §3.4)
 
 
 def _fairseq_block_mask_1d(rng, rows: int, t: int) -> np.ndarray:

@@ -198,7 +198,7 @@ def test_gpu_bench_measurement_path_on_cpu(tmp_path):
 @pytest.mark.slow   # traces two base-size steps and compiles two tiny ones
 def test_v2_quick_table(tmp_path, capsys):
   """`bench v2 --quick --modality text`: the traced base-size FLOP rows (v1, v2) and the timed
-  1-layer rows; FLOPs per masked token as README states (text: v2 2.6x fewer than v1)."""
+  1-layer rows; FLOPs per masked token as docs/v2.md states (text: v2 2.6x fewer than v1)."""
   p = _run(tmp_path, "v2", "--quick", "--modality", "text")
   rows = p["rows"]
   assert [(r["objective"], r["size"]) for r in rows] == [("v1", "base"), ("v1", "tiny"),

@@ -1,4 +1,4 @@
-"""EMA schedule values and one update (ALGORITHM.md §1.1)."""
+"""EMA schedule values and one update (docs/algorithm.md §1.1)."""
 
 import numpy as np
 import jax.numpy as jnp

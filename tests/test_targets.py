@@ -1,4 +1,4 @@
-"""Targets and losses on tiny hand-computed cases (ALGORITHM.md §1.2-1.3)."""
+"""Targets and losses on tiny hand-computed cases (docs/algorithm.md §1.2-1.3)."""
 
 import numpy as np
 import jax.numpy as jnp

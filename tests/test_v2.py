@@ -1,5 +1,5 @@
 """data2vec 2.0: masks, the visible-only student, the once-per-example teacher, decoders, loss,
-sharding and resume (ALGORITHM.md §3, §3.9)."""
+sharding and resume (docs/algorithm.md §3, §3.9)."""
 
 import numpy as np
 import pytest
@@ -23,7 +23,7 @@ from step_utils import assert_same_training, run_steps
 
 def _fairseq_inverse_block_2d(rng, batch, length, mask_prob, adjust, block):
   """Direct NumPy port of fairseq compute_block_mask_2d(inverse_mask=True,
-  require_same_masks=True) (ALGORITHM.md §3.4): True = masked."""
+  require_same_masks=True) (docs/algorithm.md §3.4): True = masked."""
   d = int(length ** 0.5)
   keep_prob = 1 - mask_prob
   mask = np.zeros((batch, d, d))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence that pretraining learns (README: Evaluation, docs/evaluation.md): short CPU
+# Evidence that pretraining learns (docs/evaluation.md): short CPU
 # pretraining runs on the real data of .ci/setup, then linear / k-NN probes of the pretrained
 # student vs a random init of the same architecture (mean +- std over 3 stratified splits, and
 # the effective rank of the probed features) on held-out data: examples the pretraining never

@@ -1,4 +1,4 @@
-"""Probe accuracy and effective rank at every checkpoint of a run (README: Evaluation).
+"""Probe accuracy and effective rank at every checkpoint of a run (docs/evaluation.md).
 
   python tools/probe_curve.py --workdir RUN_DIR --data PATH [--layer -1] [--repeats 3] [--out JSON]
 

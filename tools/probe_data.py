@@ -1,4 +1,4 @@
-"""Labelled probe sets from the real data of .ci/setup (README: Evaluation), written under data/eval/.
+"""Labelled probe sets from the real data of .ci/setup (docs/evaluation.md), written under data/eval/.
 
   python tools/probe_data.py [text] [digits] [audio] [lang]      (default: all four)
 

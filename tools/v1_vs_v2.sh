@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# data2vec 1.0 vs 2.0 on the same tiny encoder and the same CPU wall-clock budget (README:
-# Evidence, v1 vs v2; issue #19): for each modality, the v1 evidence run of
+# data2vec 1.0 vs 2.0 on the same tiny encoder and the same CPU wall-clock budget
+# (docs/evaluation.md, "v1 vs v2"; issue #19): for each modality, the v1 evidence run of
 # tools/eval_evidence.sh, then a v2 run on the same data and encoder that checkpoints often,
 # then tools/probe_curve.py on both, then tools/v1_vs_v2.py picks the v2 checkpoints by
 # elapsed training time (metrics.jsonl elapsed_s: 1/3 of v1's and all of v1's), trains a

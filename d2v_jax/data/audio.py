@@ -16,7 +16,7 @@ An index is built once at start-up (WAV/FLAC headers, ffprobe for other formats;
 record offsets), with a progress line every PROGRESS_SECONDS on process 0, and cached in
 WORKDIR/audio_index_<hash>.npz.
 
-Per example (fairseq RawAudioDataset, ALGORITHM.md §2.3): mono (channels averaged), at
+Per example (fairseq RawAudioDataset, docs/algorithm.md §2.3): mono (channels averaged), at
 cfg.data.sample_rate (a file at another rate is an error naming it, or is resampled when
 data.on_bad_rate="resample": ffmpeg's resampler, or a Lanczos-3 anti-aliased resize in TF
 for WAV), normalised over the whole utterance like F.layer_norm(wav, wav.shape) (zero mean,

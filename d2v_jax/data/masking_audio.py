@@ -1,7 +1,7 @@
 """wav2vec2 / data2vec-audio masks on conv frames, vectorised over a batch in TensorFlow.
 
 data2vec 1.0 span masks, `span_mask` (fairseq `compute_mask_indices`, mask_selection
-"static", overlaps allowed, ALGORITHM.md §2.3). Per row with n valid frames (conv output
+"static", overlaps allowed, docs/algorithm.md §2.3). Per row with n valid frames (conv output
 length of its real samples): s = max(int(mask_prob * n / span + U[0, 1)), min_spans)
 starts drawn uniformly without replacement from the n valid frames, each masking `span`
 frames. A span that runs past the valid length wraps around to the row's first frames.
@@ -19,7 +19,7 @@ same count, which is what require_same_masks is for, while a 2 s row next to a 1
 longer pulls the long row down to the short row's count. Padding is never masked; a row
 shorter than `span` is masked entirely (one span, min_spans = 1).
 
-data2vec 2.0 block masks, `block_mask_1d` (fairseq `compute_block_mask_1d`, ALGORITHM.md
+data2vec 2.0 block masks, `block_mask_1d` (fairseq `compute_block_mask_1d`, docs/algorithm.md
 §3.4): int(T * (R + A) / B) random centres per row (duplicates possible), B frames around
 each (offsets -(B // 2) .. B - B // 2 - 1, clamped at the borders), then random frames are
 added / removed until exactly int(T * R) are masked; M clones per example, each its own mask.

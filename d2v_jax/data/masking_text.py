@@ -1,12 +1,12 @@
 """Token masking of fairseq's MaskTokensDataset, vectorised over a batch in TensorFlow.
 
-Per row (ALGORITHM.md §2.1): n = number of maskable tokens (not <s>, </s>, <pad>);
+Per row (docs/algorithm.md §2.1): n = number of maskable tokens (not <s>, </s>, <pad>);
 starts = int(mask_prob * n / span + U[0, 1)) positions drawn uniformly without replacement
 among the maskable ones; each start is extended to `span` tokens (overlaps allowed; a span
 stops at the first special token or the sequence end). Of the selected positions a fraction
 `leave_unmasked_prob` keeps its token, `random_token_prob` gets a uniform random non-special
 token, the rest becomes <mask>. The loss covers only positions whose student token is
-<mask> (fairseq selects targets with `src_tokens.eq(mask_idx)`, ALGORITHM.md §1.3).
+<mask> (fairseq selects targets with `src_tokens.eq(mask_idx)`, docs/algorithm.md §1.3).
 
 Departures from fairseq, on purpose: fairseq draws starts among all positions (it can mask
 <s>/</s>) and extends spans across them; here special tokens are never masked.

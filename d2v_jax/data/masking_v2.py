@@ -1,4 +1,4 @@
-"""data2vec 2.0 masks, vectorised over a batch in TensorFlow (ALGORITHM.md §3.4, §3.9).
+"""data2vec 2.0 masks, vectorised over a batch in TensorFlow (docs/algorithm.md §3.4, §3.9).
 
 Every generator returns M masks per example with an EXACT number of masked positions per
 row, so the student's visible-only gather has a static size K (the batch carries the

@@ -1,4 +1,4 @@
-"""BEiT block-wise image masking, vectorised over a batch in TensorFlow (ALGORITHM.md §2.2).
+"""BEiT block-wise image masking, vectorised over a batch in TensorFlow (docs/algorithm.md §2.2).
 
 BEiT / data2vec_vision (`masking_generator.py`) place rectangular blocks on the patch grid
 until `num_masked` patches are covered: each block has an area drawn uniformly from

@@ -1,4 +1,4 @@
-"""Waveform embedder for data2vec-audio (wav2vec 2.0 front end, ALGORITHM.md §2.3, §5.3).
+"""Waveform embedder for data2vec-audio (wav2vec 2.0 front end, docs/algorithm.md §2.3, §5.3).
 
   audio [B, S] -> conv feature extractor (per layer: Conv1d without bias -> LayerNorm over
   channels -> GELU; or wav2vec2-base GroupNorm on the first layer) -> LayerNorm -> Linear to

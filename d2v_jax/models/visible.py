@@ -1,4 +1,4 @@
-"""The data2vec 2.0 student's view: gathers of the K visible positions (ALGORITHM.md §3.3, §3.9).
+"""The data2vec 2.0 student's view: gathers of the K visible positions (docs/algorithm.md §3.3, §3.9).
 
 Masks arrive with an exact masked count per row, so the visible indices `visible` [N, K]
 (ascending, from the host) have a static K. A token sequence is gathered on its length axis;

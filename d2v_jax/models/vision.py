@@ -1,4 +1,4 @@
-"""BEiT embedder for data2vec-vision (ALGORITHM.md §2.2, HF layout §5.2).
+"""BEiT embedder for data2vec-vision (docs/algorithm.md §2.2, HF layout §5.2).
 
 Image [B, H, W, C] (NHWC, normalised) -> non-overlapping p x p patches projected to D (a
 stride-p convolution, kernel (p, p, C, D) = HF `patch_embeddings.projection.weight`
