@@ -237,21 +237,7 @@ class Guards:
                         if len(self.rank_recent[k]) > 1 else "")
     low = [f"{k}={mean(k):.4g}{window(k)} < guards.{key}={floor}" for k, key, floor in floors
            if self.rank_recent[k] and mean(k) < floor]
-    if not low:
-      self.rank_since = None
-      return None
-    first = self.rank_since is None
-    if first:
-      self.rank_since = step
-    msg = (f"dimensional collapse at step {step} (since step {self.rank_since}): "
-           + ", ".join(low))
-    policy = g.rank_policy
-    if policy == "warn":
-      if first:
-        print(f"warning: {msg}; training continues (guards.rank_policy=warn)",
-              file=sys.stderr, flush=True)
-      return None
-    return Verdict(policy, msg, self.rank_since)
+    return self._incident("rank", "dimensional collapse", step, low)
 
   def _check_collapse(self, step: int, m: dict) -> Verdict | None:
     g = self.g
@@ -261,18 +247,23 @@ class Guards:
         low.append(f"target_var={m['target_var']:.4g} < guards.min_target_var={g.min_target_var}")
       if g.min_pred_var > 0 and m["pred_var"] < g.min_pred_var:
         low.append(f"pred_var={m['pred_var']:.4g} < guards.min_pred_var={g.min_pred_var}")
+    return self._incident("collapse", "representation collapse", step, low)
+
+  def _incident(self, kind: str, what: str, step: int, low: list[str]) -> Verdict | None:
+    """Tracks the `kind` incident (rank | collapse): starts it at the first low step, ends it
+    at the first healthy one; guards.<kind>_policy says what to do (warn: once per incident)."""
+    since = f"{kind}_since"
     if not low:
-      self.collapse_since = None
+      setattr(self, since, None)
       return None
-    first = self.collapse_since is None
+    first = getattr(self, since) is None
     if first:
-      self.collapse_since = step
-    msg = (f"representation collapse at step {step} (since step {self.collapse_since}): "
-           + ", ".join(low))
-    policy = g.collapse_policy
+      setattr(self, since, step)
+    msg = f"{what} at step {step} (since step {getattr(self, since)}): " + ", ".join(low)
+    policy = self.g[f"{kind}_policy"]
     if policy == "warn":
       if first:
-        print(f"warning: {msg}; training continues (guards.collapse_policy=warn)",
+        print(f"warning: {msg}; training continues (guards.{kind}_policy=warn)",
               file=sys.stderr, flush=True)
       return None
-    return Verdict(policy, msg, self.collapse_since)
+    return Verdict(policy, msg, getattr(self, since))
