@@ -165,7 +165,7 @@ def compile_step(cfg, topo: Topology, *, devices=None, backend: str = "tpu") -> 
   spec = built.model.spec
   return Report(
       topology=topo.describe(), backend=backend, num_devices=n, mesh=dict(mesh.shape),
-      preset=str(cfg.mesh.get("preset", "") or ""), dtype=cfg.dtype, global_batch=cfg.batch_size,
+      preset=str(cfg.mesh.preset or ""), dtype=cfg.dtype, global_batch=cfg.batch_size,
       batch_per_device=cfg.batch_size // sharding.batch_shards(mesh), seq_len=seq_len, fits=fits,
       hbm_bytes=hbm, memory=mem, state_bytes=sizes, replicated_params=len(repl),
       xla_flops_raw=xla_raw, flops_per_device=flops_dev, model_flops=model["total"],

@@ -52,11 +52,8 @@ NUMERIC = ("layer_norm_eps",)
 
 
 def init_keys(cfg) -> tuple[str, str]:
-  """(init.hf, init.checkpoint); both empty when the config has no `init` block."""
-  node = cfg.get("init", None)
-  if node is None:
-    return "", ""
-  return str(node.get("hf", "") or ""), str(node.get("checkpoint", "") or "")
+  """(init.hf, init.checkpoint); empty strings when unset."""
+  return str(cfg.init.hf or ""), str(cfg.init.checkpoint or "")
 
 
 def _same(a, b) -> bool:

@@ -47,7 +47,7 @@ def _teacher(model, params, teacher, batch, cfg, local=None):
 
 
 def share_local(cfg) -> bool:
-  return bool(cfg.teacher.get("share_local", False))
+  return bool(cfg.teacher.share_local)
 
 
 def teacher_targets(model, params, teacher, batch, cfg):
@@ -123,7 +123,7 @@ OBJECTIVES = {"v1": v1, "v2": v2}
 
 
 def get(cfg):
-  name = cfg.get("objective", "v1")
+  name = cfg.objective
   if name not in OBJECTIVES:
     raise ConfigError(f"objective={name!r} must be one of {sorted(OBJECTIVES)}")
   return OBJECTIVES[name]

@@ -32,8 +32,8 @@ def decay_mask(o):
   optim.no_decay (BEiT's optim_factory: no decay on 1-D params, biases and the model's skip
   list), except names in optim.decay, which are always decayed (BEiT decays its [1, 1, D]
   mask token and its 2-D relative position table, which are 1-D / named *bias here)."""
-  no_decay = tuple(o.get("no_decay", ()))
-  always = tuple(o.get("decay", ()))
+  no_decay = tuple(o.no_decay)
+  always = tuple(o.decay)
 
   def mask(params):
     def keep(path, x):

@@ -260,6 +260,6 @@ def _torch_no_decay(o) -> tuple[str, ...]:
            "lambda_": ("lambda_",), "bias": ("bias",), "cls_token": ("cls_token",),
            "mask_token": ("mask_token",)}
   out: list[str] = []
-  for n in o.get("no_decay", ()):
+  for n in o.no_decay:
     out += list(alias.get(n, (n,)))
   return tuple(out)

@@ -84,7 +84,7 @@ class BlockMaskSpec:
                max_block=None if d.max_mask_block is None else int(d.max_mask_block),
                min_aspect=float(d.mask_min_aspect),
                max_aspect=None if d.mask_max_aspect is None else float(d.mask_max_aspect),
-               attempts=int(d.get("mask_attempts", 0) or 0))
+               attempts=int(d.mask_attempts or 0))
 
   def validate(self) -> None:
     """Raises ConfigError when no block can be drawn or the count is out of range."""

@@ -223,7 +223,7 @@ def build(cfg) -> AudioEmbed:
       conv_strides=tuple(int(s) for s in m.conv_strides), conv_bias=bool(m.conv_bias),
       conv_norm=m.conv_norm, hidden=m.encoder.hidden, eps=m.encoder.layer_norm_eps,
       feature_dropout=m.feature_dropout,
-      feature_grad_mult=float(m.get("feature_grad_mult", 1.0)),   # absent in older runs' configs
+      feature_grad_mult=float(m.feature_grad_mult),
       pos_conv=m.pos_conv, pos_conv_depth=m.pos_conv_depth,
       pos_conv_kernel=m.pos_conv_kernel, pos_conv_groups=m.pos_conv_groups,
       dtype=jnp.dtype(cfg.dtype))

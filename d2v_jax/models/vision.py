@@ -158,7 +158,7 @@ def _fix_init(x: jax.Array, path: tuple) -> jax.Array:
 def init_fixup(params: dict, rng: jax.Array, cfg) -> dict:
   """Called by d2v_jax/build.py after model.init: model.init = "beit" (default) applies
   data2vec_vision's initialisation; "bert" keeps the shared N(0, 0.02) Dense init."""
-  if cfg.model.get("init", "beit") == "beit":
+  if cfg.model.init == "beit":
     return beit_init(params, rng)
   return params
 
@@ -170,4 +170,4 @@ def build(cfg) -> VisionEmbed:
                      f"model.patch_size={m.patch_size}")
   return VisionEmbed(image_size=m.image_size, patch_size=m.patch_size, hidden=m.encoder.hidden,
                      heads=m.encoder.heads, channels=m.channels,
-                     dropout=m.get("embed_dropout", 0.0), dtype=jnp.dtype(cfg.dtype))
+                     dropout=m.embed_dropout, dtype=jnp.dtype(cfg.dtype))
