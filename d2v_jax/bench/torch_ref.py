@@ -34,7 +34,8 @@ EMA_MODULES = {
     "vision": {"encoder": ["encoder", "layernorm"], "embed": ["embeddings"]},
     "audio": {"encoder": ["encoder.layer_norm", "encoder.layers"],
               "embed": ["feature_extractor", "feature_projection", "encoder.pos_conv_embed",
-                        "masked_spec_embed"]},
+                        "masked_spec_embed"],
+              "embed/pos_conv_*": ["encoder.pos_conv_embed"]},
 }
 
 
