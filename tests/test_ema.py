@@ -41,11 +41,14 @@ def test_teacher_stays_float32_with_bfloat16_student():
 def test_weight_decay_mask_sees_through_the_layer_axis():
   import ml_collections
   from d2v_jax import optim
-  o = ml_collections.ConfigDict(dict(decay_1d=False, no_decay=("cls",)))
+  o = ml_collections.ConfigDict(dict(decay_1d=False, no_decay=("cls",), decay=()))
   params = {"encoder": {"layers": {"block": {"fc1": {"kernel": np.zeros((2, 4, 8)), "bias": np.zeros((2, 8))}}}},
             "embed": {"cls": np.zeros((1, 1, 4)), "proj": {"kernel": np.zeros((4, 4)), "bias": np.zeros((4,))}}}
   mask = optim.decay_mask(o)(params)
   assert mask["encoder"]["layers"]["block"]["fc1"] == {"kernel": True, "bias": False}
   assert mask["embed"] == {"cls": False, "proj": {"kernel": True, "bias": False}}
+  o.decay = ("cls",)  # optim.decay wins over no_decay and the 1-D rule (BEiT's mask token)
+  assert optim.decay_mask(o)(params)["embed"]["cls"] is True
+  o.decay = ()
   o.decay_1d = True
   assert optim.decay_mask(o)(params)["encoder"]["layers"]["block"]["fc1"]["bias"] is True
