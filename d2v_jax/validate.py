@@ -26,7 +26,7 @@ def validate(cfg) -> None:
   mod = load_modality(cfg.modality)
   config_lib.fill_defaults(cfg, getattr(mod.data, "LATE_DEFAULTS", {}))
   init_weights.resolve_config(cfg)
-  for ok, msg in _common(cfg) + _guards(cfg.guards) + _eval(cfg):
+  for ok, msg in _common(cfg) + _v2(cfg) + _guards(cfg.guards) + _eval(cfg):
     if not ok:
       raise ConfigError(msg)
   mod.data.validate(cfg)
@@ -56,6 +56,26 @@ def _common(cfg) -> list[tuple[bool, str]]:
     if p in cfg.data:
       checks.append((0.0 <= cfg.data[p] <= 1.0, f"data.{p}={cfg.data[p]} must be in [0, 1]"))
   return checks
+
+
+def _v2(cfg) -> list[tuple[bool, str]]:
+  if cfg.objective != "v2":
+    return []
+  v, d = cfg.v2, cfg.v2.decoder
+  return [
+      (v.clone_batch >= 1, f"v2.clone_batch={v.clone_batch} must be >= 1"),
+      (0.0 < v.mask_prob < 1.0, f"v2.mask_prob={v.mask_prob} must be in (0, 1): some tokens "
+       "masked, some visible"),
+      (v.mask_length >= 1, f"v2.mask_length={v.mask_length} must be >= 1"),
+      # The conv blocks are the only path from the visible tokens to the masked positions (the
+      # student never encodes those): without one every prediction is a function of noise.
+      (d.layers >= 1, f"v2.decoder.layers={d.layers} must be >= 1: the conv blocks carry the "
+       "visible tokens to the masked positions"),
+      (d.kernel >= 1 and d.dim >= 1 and d.groups >= 1 and d.dim % d.groups == 0,
+       f"v2.decoder: dim={d.dim} must be a positive multiple of groups={d.groups} and "
+       f"kernel={d.kernel} >= 1"),
+      (d.proj_layers >= 1, f"v2.decoder.proj_layers={d.proj_layers} must be >= 1"),
+  ]
 
 
 def _guards(g) -> list[tuple[bool, str]]:

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d2v_jax import build as build_lib, config as config_lib, objectives, targets as T
+from d2v_jax import build as build_lib, config as config_lib, objectives, targets as T, validate
 from d2v_jax.data import masking_v2
 from d2v_jax.modality import load as load_modality
 from d2v_jax.data.masking_audio import receptive_field
@@ -289,6 +289,20 @@ def test_decoder_shapes_and_residual_rule():
                                  proj_layers=2, proj_ratio=2.0)
   p = nn.meta.unbox(text.init(jax.random.PRNGKey(0), x, True)["params"])
   assert p["proj_0"]["kernel"].shape == (8, 16) and p["proj"]["kernel"].shape == (16, 6)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("v2.decoder.layers", 0, "v2.decoder.layers=0 must be >= 1: the conv blocks carry the visible tokens to the masked positions"),
+    ("v2.decoder.groups", 3, "v2.decoder: dim=64 must be a positive multiple of groups=3 and kernel=9 >= 1"),
+    ("v2.mask_prob", 1.0, "v2.mask_prob=1.0 must be in (0, 1): some tokens masked, some visible"),
+    ("v2.clone_batch", 0, "v2.clone_batch=0 must be >= 1"),
+])
+def test_bad_v2_settings_are_one_line_errors(key, value, message):
+  cfg = config_lib.load_file("configs/text.py:runlocal,v2")
+  config_lib.set_path(cfg, key, value)
+  with pytest.raises(config_lib.ConfigError) as e:
+    validate.validate(cfg)
+  assert str(e.value) == message
 
 
 @pytest.mark.parametrize("window,groups", [((3, 3), 4), ((3, 3), 1), ((7,), 16), ((3,), 2)])
