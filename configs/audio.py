@@ -77,7 +77,9 @@ def get_config(arg: str | None = None):
   c.model.conv_norm = "layer"        # layer: every conv layer (data2vec) | group: wav2vec2 base | none
   c.model.feature_dropout = 0.0      # fairseq dropout_input
   # Gradient into the conv feature encoder x this (fairseq feature_grad_mult): 1.0 = data2vec
-  # (docs/algorithm.md); wav2vec 2.0 base used 0.1.
+  # (docs/algorithm.md); wav2vec 2.0 base used 0.1. Under Adam a constant factor on parameters
+  # with no other gradient cancels up to eps (0.1 trains like 1.0, docs/evaluation.md); only 0,
+  # a frozen conv stack, differs.
   c.model.feature_grad_mult = 1.0
   c.model.pos_conv = "data2vec"      # data2vec: depth x (conv, LN, GELU) | wav2vec2: weight-normed k=128
   c.model.pos_conv_depth = 5
