@@ -52,6 +52,15 @@ def _common(cfg) -> list[tuple[bool, str]]:
       (cfg.loss.reduce_dims in ("sum", "mean"), "loss.reduce_dims must be sum or mean"),
       (cfg.dtype in ("float32", "bfloat16"), f"dtype={cfg.dtype!r} must be float32 or bfloat16"),
   ]
+  # Only the cosine schedule reads optim.warmup_steps: set on the command line with another
+  # schedule it would be silently ignored (audio's tri_stage warms up for stage_ratios[0]).
+  o = cfg.optim
+  if "optim.warmup_steps" in config_lib.explicit_keys(cfg) and o.schedule != "cosine":
+    where = (f"its warm-up is optim.stage_ratios[0] x total_steps = "
+             f"{int(o.stage_ratios[0] * cfg.total_steps)} steps: set optim.stage_ratios"
+             if o.schedule == "tri_stage" else "it has no warm-up")
+    checks.append((False, f"optim.warmup_steps={o.warmup_steps} has no effect with "
+                          f"optim.schedule={o.schedule} ({where}), or optim.schedule=cosine"))
   for p in ("mask_prob", "random_token_prob", "leave_unmasked_prob"):
     if p in cfg.data:
       checks.append((0.0 <= cfg.data[p] <= 1.0, f"data.{p}={cfg.data[p]} must be in [0, 1]"))

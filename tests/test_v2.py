@@ -379,3 +379,20 @@ def test_v2_step_in_bfloat16_matches_float32():
     losses[dtype] = float(m["loss"])
   assert np.isfinite(losses["bfloat16"])
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=3e-2)
+
+
+def test_warmup_steps_set_for_a_schedule_that_ignores_it_is_an_error():
+  """Audio's tri_stage schedule warms up for stage_ratios[0] x total_steps; a command-line
+  optim.warmup_steps used to be ignored without a word."""
+  cfg = config_lib.load_file("configs/audio.py:runlocal")
+  config_lib.set_path(cfg, "optim.warmup_steps", 100)
+  assert all(ok for ok, _ in validate._common(cfg))          # set in code: not the user's flag
+  config_lib.mark_explicit(cfg, ["optim.warmup_steps"])
+  with pytest.raises(config_lib.ConfigError) as e:
+    validate.validate(cfg)
+  assert str(e.value) == ("optim.warmup_steps=100 has no effect with optim.schedule=tri_stage "
+                          "(its warm-up is optim.stage_ratios[0] x total_steps = 9 steps: set "
+                          "optim.stage_ratios), or optim.schedule=cosine")
+  text = config_lib.load_file("configs/text.py:runlocal")
+  config_lib.mark_explicit(text, ["optim.warmup_steps"])
+  assert all(ok for ok, _ in validate._common(text))

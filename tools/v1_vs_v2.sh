@@ -27,7 +27,8 @@ pair() {  # modality probe_data v1_steps v2_steps v2_ckpt_every [train args for 
     # The flags after "$@" win: the W/3 run's own schedule, not a third of the long one.
     python -m d2v_jax.train --config "configs/$m.py:variant=tiny,runlocal,v2" --workdir "runs/vs_${m}_v2short" \
       "$@" --config.total_steps="$s3" --config.checkpoint_every="$s3" \
-      --config.optim.warmup_steps=$(( s3 / 10 > 0 ? s3 / 10 : 1 )) ${ANNEAL:+--config.teacher.anneal_steps=$s3}
+      ${WARMUP:+--config.optim.warmup_steps=$(( s3 / 10 > 0 ? s3 / 10 : 1 ))} \
+      ${ANNEAL:+--config.teacher.anneal_steps=$s3}
     runs+=(v2short) short=(--short "runs/vs_${m}_v2short")
   fi
   for v in "${runs[@]}"; do
@@ -39,9 +40,9 @@ pair() {  # modality probe_data v1_steps v2_steps v2_ckpt_every [train args for 
 for m in "${todo[@]}"; do
   case $m in
     vision) python tools/probe_data.py digits
-            pair vision data/eval/digits 300 300 20 ;;
+            WARMUP=1 pair vision data/eval/digits 300 300 20 ;;
     text)   python tools/probe_data.py text
-            ANNEAL=1 pair text data/eval/kjv_group.tsv 1200 1200 100 --config.data.path=data/eval/kjv_pretrain.txt \
+            WARMUP=1 ANNEAL=1 pair text data/eval/kjv_group.tsv 1200 1200 100 --config.data.path=data/eval/kjv_pretrain.txt \
               --config.teacher.anneal_steps=1200 --config.optim.warmup_steps=60 ;;
     audio)  python tools/probe_data.py lang
             pair audio data/eval/lang_id 300 300 30 --config.data.path='data/eval/lang_pretrain/*.wav' ;;
