@@ -88,9 +88,10 @@ def all_finite(tree) -> bool:
   return bool(jax.device_get(_all_finite(tree)))
 
 
-# tensorstore appends its whole JSON spec to some errors (which write failed first varies
-# from run to run); the OS error before it is what the user needs.
-_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='.*'\]$")
+# tensorstore inserts its whole JSON spec into some errors, at the end or before the
+# [os_error_code=...] tag (which write fails first, and so the form, varies from run to run);
+# the OS error around it is what the user needs. The spec holds no single quote.
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='[^']*'\]")
 
 
 def first_line(e: BaseException) -> str:
