@@ -6,6 +6,13 @@ import jax
 import optax
 
 
+def tri_stage_lengths(o, total_steps: int) -> tuple[int, int, int]:
+  """(warm-up, hold, decay) steps of the tri_stage schedule: optim.stage_ratios x total_steps,
+  warm-up and decay at least 1 step."""
+  w, h, d = (int(r * total_steps) for r in o.stage_ratios)
+  return max(w, 1), h, max(d, 1)
+
+
 def schedule(o, total_steps: int) -> optax.Schedule:
   peak = o.lr
   if o.schedule == "cosine":
@@ -15,13 +22,13 @@ def schedule(o, total_steps: int) -> optax.Schedule:
         decay_steps=max(total_steps, warmup + 1), end_value=peak * o.final_lr_scale)
   if o.schedule == "tri_stage":
     # fairseq tri_stage: linear warmup, hold, exponential decay to final_lr_scale * lr.
-    w, h, d = (int(r * total_steps) for r in o.stage_ratios)
+    w, h, d = tri_stage_lengths(o, total_steps)
     final = max(o.final_lr_scale, 1e-8)
     return optax.join_schedules(
-        [optax.linear_schedule(peak * o.init_lr_scale, peak, max(w, 1)),
+        [optax.linear_schedule(peak * o.init_lr_scale, peak, w),
          optax.constant_schedule(peak),
-         optax.exponential_decay(peak, max(d, 1), final, end_value=peak * final)],
-        boundaries=[max(w, 1), max(w, 1) + h])
+         optax.exponential_decay(peak, d, final, end_value=peak * final)],
+        boundaries=[w, w + h])
   if o.schedule == "constant":
     return optax.constant_schedule(peak)
   raise ValueError(f"optim.schedule={o.schedule!r}: use cosine, tri_stage or constant")

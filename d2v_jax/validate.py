@@ -14,7 +14,7 @@ A failed check raises config.ConfigError with one line: the key, its value and w
 
 from __future__ import annotations
 
-from d2v_jax import config as config_lib, init_weights, metrics, objectives
+from d2v_jax import config as config_lib, init_weights, metrics, objectives, optim
 from d2v_jax.config import ConfigError
 from d2v_jax.modality import load as load_modality
 from d2v_jax.probe.features import layer_index
@@ -57,7 +57,7 @@ def _common(cfg) -> list[tuple[bool, str]]:
   o = cfg.optim
   if "optim.warmup_steps" in config_lib.explicit_keys(cfg) and o.schedule != "cosine":
     where = (f"its warm-up is optim.stage_ratios[0] x total_steps = "
-             f"{int(o.stage_ratios[0] * cfg.total_steps)} steps: set optim.stage_ratios"
+             f"{optim.tri_stage_lengths(o, cfg.total_steps)[0]} steps: set optim.stage_ratios"
              if o.schedule == "tri_stage" else "it has no warm-up")
     checks.append((False, f"optim.warmup_steps={o.warmup_steps} has no effect with "
                           f"optim.schedule={o.schedule} ({where}), or optim.schedule=cosine"))

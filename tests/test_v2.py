@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d2v_jax import build as build_lib, config as config_lib, objectives, targets as T, validate
+from d2v_jax import (build as build_lib, config as config_lib, objectives, optim, targets as T,
+                     validate)
 from d2v_jax.data import masking_v2
 from d2v_jax.modality import load as load_modality
 from d2v_jax.data.masking_audio import receptive_field
@@ -393,6 +394,10 @@ def test_warmup_steps_set_for_a_schedule_that_ignores_it_is_an_error():
   assert str(e.value) == ("optim.warmup_steps=100 has no effect with optim.schedule=tri_stage "
                           "(its warm-up is optim.stage_ratios[0] x total_steps = 9 steps: set "
                           "optim.stage_ratios), or optim.schedule=cosine")
+  # the 9 steps of the message are the optimizer's own warm-up
+  lr = optim.schedule(cfg.optim, cfg.total_steps)
+  assert optim.tri_stage_lengths(cfg.optim, cfg.total_steps)[0] == 9
+  assert float(lr(8)) < cfg.optim.lr and float(lr(9)) == pytest.approx(cfg.optim.lr)
   text = config_lib.load_file("configs/text.py:runlocal")
   config_lib.mark_explicit(text, ["optim.warmup_steps"])
   assert all(ok for ok, _ in validate._common(text))
