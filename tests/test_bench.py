@@ -135,21 +135,61 @@ def _no_dropout(cfg) -> None:
       cfg.model[key] = 0.0
 
 
-# Same loss to this relative tolerance (float32; measured ~2e-7 for all three modalities).
+# The PyTorch reference and our step after STEPS steps that change the model: no warm-up (the
+# first update is at the peak lr 1e-3, then cosine), weight decay 0.1, a global-norm clip that
+# bites on some steps (CLIP: between the step's measured gradient norms), and tau annealed
+# 0.5 -> 0.9 over 4 updates (so the EMA's update count matters). Tolerances, measured float32
+# gaps (text / vision / audio) and the smallest effect each must still see:
+STEPS = 6
+OVERRIDES = {"optim.schedule": "cosine", "optim.warmup_steps": 0, "optim.lr": 1e-3,
+             "optim.init_lr_scale": 0.0, "optim.final_lr_scale": 0.0, "total_steps": 8,
+             "optim.weight_decay": 0.1, "teacher.tau_start": 0.5, "teacher.tau_end": 0.9,
+             "teacher.anneal_steps": 4}
+# grad norms measured over the 6 steps: text 1.7 -> 3.5, vision 0.072 -> 0.025, audio 1.86 -> 1.09
+CLIP = {"text": 2.5, "vision": 0.04, "audio": 1.2}
+# losses (relative): measured <= 3e-7.
 PARITY_RTOL = 1e-5
+# params (absolute): measured <= 4.8e-6 (audio head after Adam); weight decay 0.1 on a
+# LayerNorm scale (1.0) moves it by ~5e-4 over the 6 steps: 25x the tolerance.
+PARAM_ATOL = 2e-5
+# teacher (absolute): measured <= 7e-7; tau one update off (0.1 per step) moves it ~1e-4.
+TEACHER_ATOL = 5e-6
+# Adam moments: |ours - torch| <= MOMENT_RTOL x the leaf's largest entry + MOMENT_FLOOR x the
+# tree's largest (key biases get no gradient at all: both sides hold rounding noise there);
+# measured <= 4e-5 of the leaf's largest. Betas (0, 0.5) change them by O(1); the clip
+# scales the gradients of >= 2 steps by <= 0.85: >= 5 %.
+MOMENT_RTOL, MOMENT_FLOOR = 1e-3, 1e-5
+
+
+def _adam(opt_state):
+  import optax
+  found = [s for s in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+      if isinstance(s, optax.ScaleByAdamState)]
+  assert len(found) == 1
+  return found[0]
+
+
+def _assert_close(ours: dict, theirs: dict, what: str, atol=None):
+  assert sorted(ours) == sorted(theirs), what
+  floor = MOMENT_FLOOR * max(float(np.abs(v).max()) for v in theirs.values())
+  for name, want in theirs.items():
+    tol = atol if atol is not None else MOMENT_RTOL * float(np.abs(want).max()) + floor
+    np.testing.assert_allclose(ours[name], want, rtol=0, atol=tol, err_msg=f"{what} {name}")
 
 
 @pytest.mark.parametrize("modality", ["text", "vision", "audio"])
 def test_torch_reference_matches_our_step(modality):
-  """Our jitted step and the PyTorch reference, from the same weights on the same batch
-  (dropout off), report the same loss for 3 consecutive steps: forward, targets, loss, AdamW
-  update (lr warms up from 0) and EMA are the same computation."""
-  from d2v_jax import build as build_lib
+  """Our jitted step and the PyTorch reference (HF model, torch AdamW, clip_grad_norm_, its
+  own EMA), from the same weights on the same batch (dropout off), for 6 steps that change
+  the model: the same losses, and leaf by leaf the same student parameters, teacher and Adam
+  moments (mapped to HF names), to the tolerances above."""
+  from d2v_jax import build as build_lib, ema
   from d2v_jax.bench import torch_ref
   reason = setups.available(modality)
   if reason:
     pytest.skip(f"{modality} modules not available: {reason}")
-  over = {"model.encoder.num_layers": 2}
+  over = {"model.encoder.num_layers": 2, **OVERRIDES, "optim.clip": CLIP[modality]}
   if modality == "text":
     over["data.block_size"] = 32
   if modality == "audio":
@@ -161,15 +201,31 @@ def test_torch_reference_matches_our_step(modality):
   _no_dropout(cfg)
   built = build_lib.build(cfg, devices=jax.devices()[:1])
   state = built.init(0)
+  init = jax.device_get(state.params)
   batch = setups.batch(cfg, seed=3)
-  ref = torch_ref.TorchData2Vec(cfg, jax.device_get(state.params))
-  ours, theirs = [], []
-  for _ in range(3):
+  ref = torch_ref.TorchData2Vec(cfg, init)
+  ours, theirs, norms = [], [], []
+  for _ in range(STEPS):
     state, m = built.step(state, build_lib.to_global(batch, built.batch_shardings))
     ours.append(float(m["loss"]))
+    norms.append(float(m["grad_norm"]))
     theirs.append(ref.step(batch))
   np.testing.assert_allclose(theirs, ours, rtol=PARITY_RTOL)
-  assert ours[2] != ours[1]   # the third step trained on updated weights
+  # positive controls: the clip bit on some steps and not on others; the model moved
+  assert sum(n > cfg.optim.clip for n in norms) >= 2 and min(norms) < cfg.optim.clip, norms
+  state = jax.device_get(state)
+  got, want = torch_ref.as_torch_names(state.params, cfg), ref.named_state()
+  start = torch_ref.as_torch_names(init, cfg)
+  assert max(float(np.abs(got[k] - start[k]).max()) for k in got) > 100 * PARAM_ATOL
+  _assert_close(got, want["params"], "params", PARAM_ATOL)
+  teacher = torch_ref.as_torch_names(ema.teacher_params(state.params, state.teacher), cfg)
+  assert want["teacher"] and max(float(np.abs(teacher[k] - start[k]).max())
+                                 for k in want["teacher"]) > 20 * TEACHER_ATOL
+  _assert_close({k: teacher[k] for k in want["teacher"]}, want["teacher"], "teacher", TEACHER_ATOL)
+  adam = _adam(state.opt_state)
+  assert int(adam.count) == STEPS
+  for key in ("mu", "nu"):
+    _assert_close(torch_ref.as_torch_names(getattr(adam, key), cfg), want[key], key)
 
 
 def test_gpu_bench_without_a_gpu_measures_nothing_and_exits_0(tmp_path, capsys):

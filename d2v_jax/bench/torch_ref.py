@@ -133,9 +133,11 @@ class TorchData2Vec:
     self.teacher = copy.deepcopy(self.student)
     ema_paths = [p for sub in cfg.teacher.ema_subtrees for p in EMA_MODULES[cfg.modality][sub]]
     self.ema_pairs = []   # (teacher param, student param)
+    self.ema_names = []   # their HF names
     for path, p in list(self.student.named_parameters()):
       if any(path == e or path.startswith(e + ".") for e in ema_paths):
         self.ema_pairs.append((_get_param(self.teacher, path), p))
+        self.ema_names.append(path)
       else:
         _set_param(self.teacher, path, p)   # shared with the student: read live
     self.teacher.eval()
@@ -236,7 +238,8 @@ class TorchData2Vec:
     if self.cfg.optim.clip > 0:
       torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip)
     self.opt.step()
-    tau = float(ema_lib.tau_from_config(self.num_steps, self.cfg.teacher))
+    # fairseq steps the EMA after set_num_updates(n + 1): tau of the count including this update
+    tau = float(ema_lib.tau_from_config(self.num_steps + 1, self.cfg.teacher))
     with torch.no_grad():
       t = [a for a, _ in self.ema_pairs]
       s = [b for _, b in self.ema_pairs]
@@ -246,6 +249,31 @@ class TorchData2Vec:
     for g in self.opt.param_groups:
       g["lr"] = float(self.lrs[min(self.num_steps, len(self.lrs) - 1)])
     return float(loss.detach())
+
+
+  def named_state(self) -> dict[str, dict[str, np.ndarray]]:
+    """The state after the steps so far, by HF name ('head.net.0.weight' for the head):
+    student params, the teacher's EMA params, and AdamW's first / second moments."""
+    named = list(self.student.named_parameters()) + [("head." + n, p) for n, p in
+                                                    self.head.named_parameters()]
+    np_ = lambda t: t.detach().numpy().copy()
+    out = {"params": {n: np_(p) for n, p in named},
+           "teacher": {n: np_(t) for n, (t, _) in zip(self.ema_names, self.ema_pairs)}}
+    for key, ours in (("exp_avg", "mu"), ("exp_avg_sq", "nu")):
+      out[ours] = {n: np_(self.opt.state[p][key]) for n, p in named if p in self.opt.state}
+    return out
+
+
+def as_torch_names(tree, cfg) -> dict[str, np.ndarray]:
+  """A tree shaped like our params (params, an Adam moment) -> HF names and layouts, the
+  regression head as `Head` holds it (head.net.{2i}.weight / .bias)."""
+  out = to_hf_state(tree, cfg)
+  head = hf_common.unbox(tree["head"])
+  names = [f"dense_{i}" for i in range(cfg.head.layers - 1)] + ["out"]
+  for i, name in enumerate(names):
+    out[f"head.net.{2 * i}.weight"] = np.asarray(head[name]["kernel"], np.float32).T
+    out[f"head.net.{2 * i}.bias"] = np.asarray(head[name]["bias"], np.float32)
+  return out
 
 
 def _get_param(module, name: str):
