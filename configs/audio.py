@@ -85,6 +85,10 @@ def get_config(arg: str | None = None):
   c.model.pos_conv_depth = 5
   c.model.pos_conv_kernel = 19       # fairseq conv_pos 95 // pos_conv_depth 5; wav2vec2: 128
   c.model.pos_conv_groups = groups
+  # ALiBi attention bias with a learned per-head scale (fairseq data2vec 2.0 audio's
+  # use_alibi_encoder): off by default so the export is an ordinary Data2VecAudioModel; on,
+  # released v2 audio checkpoints import exactly and export with remote code (docs/fairseq.md).
+  c.model.alibi = False
   c.model.encoder = common.encoder(layers, hidden, heads, mlp, pre_ln=False, input_norm=True,
                                    layer_norm_eps=1e-5, dropout=0.1, attention_dropout=0.1,
                                    activation_dropout=0.0, layerdrop=0.05)

@@ -83,6 +83,11 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.log_every = 10
+  # Resuming (d2v_jax/resume.py, drift.py): refuse when the newest checkpoint is damaged instead
+  # of moving it aside and resuming from the newest intact one; the trajectory keys (or
+  # sections, e.g. "optim,total_steps") this relaunch may change from the checkpoint's config.
+  c.resume_strict = False
+  c.resume_allow_changes = ""
   c.batch_size = 256                 # global, across all processes
   c.dtype = "float32"                # compute dtype; params, teacher and optimizer stay float32
   # Training objective (d2v_jax/objectives.py): v1 = data2vec 1.0 (student encodes the whole
@@ -184,6 +189,8 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict()
   c.init.hf = ""                     # HF directory a NEW run starts from (d2v_jax/init.py)
   c.init.checkpoint = ""             # run directory whose latest student params start a NEW run
+  c.init.fairseq = ""                # fairseq data2vec checkpoint (.pt) a NEW run starts from
+                                     # (student, EMA teacher, decoder / head; docs/fairseq.md)
 
   c.data = ml_collections.ConfigDict()
   return c

@@ -114,6 +114,12 @@ def get_config(arg: str | None = None):
   c.model.channels = 3
   c.model.init = "beit"                # beit: data2vec_vision's init (see above) | bert
   c.model.embed_dropout = 0.0          # BEiT pos_drop (drop_rate 0)
+  # Position information: BEiT's shared relative position bias (rel_pos_bias) and/or fixed
+  # 2-D sin-cos embeddings added to the patches (pos_embed="sincos": fairseq data2vec 2.0's
+  # ViT, with model.encoder pre_ln=False, input_norm=True, layer_scale=0, key_bias=True,
+  # final_norm=False). Only the BEiT form exports to Data2VecVisionModel.
+  c.model.rel_pos_bias = True
+  c.model.pos_embed = "none"           # none | sincos
   c.model.encoder = common.encoder(
       layers, hidden, heads, mlp, pre_ln=True, layer_norm_eps=1e-6, dropout=0.0,
       attention_dropout=0.15 if large else 0.05, activation_dropout=0.0,

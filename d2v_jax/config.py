@@ -126,6 +126,8 @@ def write_resolved(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 # take their values from the config files (configs/common.py and the modality's file).
 LATE_DEFAULTS = {
     "objective": "v1",
+    "resume_strict": False,
+    "resume_allow_changes": "",
     "teacher.share_local": False,
     "optim.no_decay": (),
     "optim.decay": (),
@@ -150,6 +152,7 @@ LATE_DEFAULTS = {
     "eval.step_rank_every": 10,
     "init.hf": "",
     "init.checkpoint": "",
+    "init.fairseq": "",
 }
 
 

@@ -80,7 +80,8 @@ _MASK_SALT = 0xA0D10     # mask stream, apart from the order and crop streams (s
 _CROP_SALT = 0xC0C0
 # Data keys added after runs were written (config.fill_defaults, d2v_jax/validate.py).
 LATE_DEFAULTS = {"model.feature_grad_mult": 1.0, "data.buckets": (), "data.batch_multiple": 0,
-                 "data.on_bad_file": "error", "data.threads": 0, "data.tfds_data_dir": ""}
+                 "data.on_bad_file": "error", "data.threads": 0, "data.tfds_data_dir": "",
+                 "model.alibi": False}
 
 
 def frames(cfg, num_samples: int) -> int:

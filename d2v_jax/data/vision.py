@@ -64,7 +64,8 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 _MASK_SALT = 0xB10C      # mask stream (per batch), apart from the order stream
 # Data keys added after runs were written (config.fill_defaults, d2v_jax/validate.py).
 LATE_DEFAULTS = {"data.extensions": (), "data.background": BACKGROUND, "data.mask_attempts": 0,
-                 "data.threads": 0, "model.init": "beit", "model.embed_dropout": 0.0}
+                 "data.threads": 0, "model.init": "beit", "model.embed_dropout": 0.0,
+                 "model.rel_pos_bias": True, "model.pos_embed": "none"}
 
 
 class BadImageError(ConfigError):

@@ -70,7 +70,8 @@ def check_representable(cfg) -> None:
       (m.pos_conv != "data2vec", f"model.pos_conv={m.pos_conv!r} (HF: the 5-layer data2vec pos conv)"),
       (enc.pre_ln, "model.encoder.pre_ln=True"), (enc.layer_scale > 0, "model.encoder.layer_scale>0"),
       (not enc.key_bias, "model.encoder.key_bias=False"), (not enc.input_norm, "model.encoder.input_norm=False"),
-      (enc.final_norm, "model.encoder.final_norm=True")],
+      (enc.final_norm, "model.encoder.final_norm=True"),
+      (m.alibi, "model.alibi=True (ALiBi)")],
       "Data2VecAudio", "post-LN, LayerNorm conv extractor, data2vec pos conv, encoder input "
       "LayerNorm", "configs/audio.py model")
 

@@ -51,7 +51,9 @@ def check_representable(cfg) -> None:
   common.check_representable(cfg, [
       (not enc.pre_ln, "model.encoder.pre_ln=False"), (enc.key_bias, "model.encoder.key_bias=True"),
       (enc.input_norm, "model.encoder.input_norm=True"),
-      (not enc.final_norm, "model.encoder.final_norm=False")],
+      (not enc.final_norm, "model.encoder.final_norm=False"),
+      (not cfg.model.rel_pos_bias, "model.rel_pos_bias=False"),
+      (cfg.model.pos_embed != "none", f"model.pos_embed={cfg.model.pos_embed!r}")],
       "Data2VecVision/BEiT", "pre-LN, no k-bias, final LayerNorm", "configs/vision.py encoder")
 
 

@@ -22,6 +22,12 @@ Positional encoders: "data2vec" = `pos_conv_depth` x [grouped Conv1d (kernel
 pos_conv_kernel, 'same' padding, bias) -> LayerNorm without affine -> GELU];
 "wav2vec2" = one weight-normalised grouped Conv1d (kernel 128, weight norm over the kernel
 axis like torch weight_norm(dim=2)), last frame dropped for even kernels, GELU.
+
+`alibi` (model.alibi; fairseq data2vec 2.0 audio `use_alibi_encoder` with
+`learned_alibi_scale_per_head`): every layer's attention also gets the symmetric ALiBi bias
+-slope_h * |i - j| times a learned per-head scale (clamped at 0, initial 1), so the bias is
+per example ([B, H, T, T], padding included). No Hugging Face class holds it: the export
+writes remote code (d2v_jax/hf/remote/).
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import jax.numpy as jnp
 
 from d2v_jax.data.masking_audio import conv_output_length
 from d2v_jax.models.transformer import constrain, padding_bias
-from d2v_jax.models.visible import gather_tokens
+from d2v_jax.models.visible import gather_bias, gather_tokens
+from d2v_jax.models.alibi import alibi_bias
 
 # The attention bias kind (transformer.BIAS_KINDS) this embedder returns: key padding.
 # The trainer's start-up line names the attention implementation chosen for it.
@@ -130,6 +137,8 @@ class AudioEmbed(nn.Module):
   pos_conv_depth: int = 5
   pos_conv_kernel: int = 19
   pos_conv_groups: int = 16
+  alibi: bool = False            # fairseq data2vec 2.0 audio: ALiBi with a learned per-head scale
+  heads: int = 1
   dtype: Any = jnp.float32
   num_extra_tokens: int = 0
 
@@ -160,6 +169,10 @@ class AudioEmbed(nn.Module):
             self.hidden, k, padding=((k // 2, k // 2),), groups=self.pos_conv_groups,
             use_bias=True, kernel_init=_TORCH_DEFAULT, dtype=self.dtype, name=None))
         setattr(self, f"pos_conv_norm_{i}", _ln(1e-5, None, jnp.float32, affine=False))
+    if self.alibi:
+      # 1-D so optim's no-decay rule (ndim < 2) sees it as fairseq does (alibi_scale: no decay)
+      self.alibi_scale = self.param("alibi_scale", _init(nn.initializers.ones, ("heads",)),
+                                    (self.heads,), jnp.float32)
 
   def local(self, batch, *, student: bool = False, deterministic: bool = True):
     """Conv features -> LayerNorm -> projection of the unmasked audio, before dropout (what
@@ -190,7 +203,14 @@ class AudioEmbed(nn.Module):
     x = jnp.where(valid[..., None], x, 0)
     x = constrain(x, "act_batch", "act_length", "act_embed")
     x = x + self._positional(x)
-    return constrain(x, "act_batch", "act_length", "act_embed"), valid, padding_bias(valid)
+    return constrain(x, "act_batch", "act_length", "act_embed"), valid, self._bias(valid)
+
+  def _bias(self, valid):
+    """Key padding [B, 1, 1, T]; with ALiBi the per-example [B, H, T, T] sum of both."""
+    if not self.alibi:
+      return padding_bias(valid)
+    scale = jnp.maximum(self.alibi_scale, 0.0)   # fairseq clamp_min(0)
+    return alibi_bias(self.heads, valid.shape[1], scale) + padding_bias(valid)
 
   def __call__(self, batch, *, student: bool, deterministic: bool):
     x, valid = self.local(batch)
@@ -200,9 +220,11 @@ class AudioEmbed(nn.Module):
   def visible(self, x, valid, mask, visible, *, deterministic: bool):
     """data2vec 2.0 student: masked frames zeroed, the positional conv over the whole
     sequence, then only the K visible frames are kept (fairseq encoder_zero_mask)."""
-    x, valid, _ = self.context(x, valid, deterministic=deterministic, mask=mask, zero_masked=True)
-    x, valid = gather_tokens(x, visible), gather_tokens(valid, visible)
-    return x, valid, padding_bias(valid)
+    x, valid, bias = self.context(x, valid, deterministic=deterministic, mask=mask, zero_masked=True)
+    x, kept = gather_tokens(x, visible), gather_tokens(valid, visible)
+    if self.alibi:   # rows and columns of the kept frames: every pair keeps its true distance
+      return x, kept, gather_bias(bias, visible)
+    return x, kept, padding_bias(kept)
 
   def _positional(self, x):
     if self.pos_conv == "wav2vec2":
@@ -226,4 +248,4 @@ def build(cfg) -> AudioEmbed:
       feature_grad_mult=float(m.feature_grad_mult),
       pos_conv=m.pos_conv, pos_conv_depth=m.pos_conv_depth,
       pos_conv_kernel=m.pos_conv_kernel, pos_conv_groups=m.pos_conv_groups,
-      dtype=jnp.dtype(cfg.dtype))
+      alibi=bool(m.alibi), heads=int(m.encoder.heads), dtype=jnp.dtype(cfg.dtype))

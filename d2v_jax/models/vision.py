@@ -9,6 +9,11 @@ shared by all layers (BEiT `use_shared_rel_pos_bias`), returned as the attention
 [1, heads, T, T] with T = 1 + num_patches, indexed exactly as BEiT / HF
 `generate_relative_position_index` (including the CLS->patch, patch->CLS and CLS->CLS entries).
 
+Options for fairseq data2vec 2.0's ViT (model.rel_pos_bias=False, model.pos_embed="sincos"):
+no relative bias, and fixed 2-D sin-cos position embeddings (MAE's table, as fairseq builds
+it) added to the patch embeddings before masking; the rest of that ViT (post-LN blocks, a
+LayerNorm on [CLS; patches]) is the encoder's config.
+
 The teacher (data2vec_vision) is an EMA of all of this (config teacher.ema_subtrees has
 "embed"); it sees the same image without the mask token.
 """
@@ -58,6 +63,23 @@ def relative_position_index(grid_h: int, grid_w: int) -> np.ndarray:
   return out
 
 
+def sincos_2d(dim: int, grid: int) -> np.ndarray:
+  """float32 [grid * grid, dim] fixed positions of row-major patches, in the layout of
+  fairseq's (MAE's) get_2d_sincos_pos_embed: the first half of the channels encodes the
+  column, the second the row; each half is [sin(p w_k), cos(p w_k)] with
+  w_k = 10000^(-k / (dim / 4)), k < dim / 4."""
+  if dim % 4:
+    raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+  rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
+                           indexing="ij")
+
+  def half(pos):
+    out = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  return np.concatenate([half(cols), half(rows)], axis=1).astype(np.float32)
+
+
 class VisionEmbed(nn.Module):
   image_size: int
   patch_size: int
@@ -65,6 +87,8 @@ class VisionEmbed(nn.Module):
   heads: int
   channels: int = 3
   dropout: float = 0.0
+  rel_pos_bias: bool = True   # BEiT's shared relative position bias
+  pos_embed: str = "none"     # none | sincos (fairseq data2vec 2.0 ViT)
   dtype: Any = jnp.float32
   num_extra_tokens: int = 1   # the CLS token is never a target
 
@@ -83,10 +107,13 @@ class VisionEmbed(nn.Module):
                                 (d,), jnp.float32)
     self.mask_token = self.param("mask_token", nn.with_logical_partitioning(TOKEN_INIT, ("embed",)),
                                  (d,), jnp.float32)
-    num_rel = (2 * self.grid - 1) ** 2 + 3
-    self.rel_pos_bias = self.param(
-        "rel_pos_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads")),
-        (num_rel, self.heads), jnp.float32)
+    if self.rel_pos_bias:
+      num_rel = (2 * self.grid - 1) ** 2 + 3
+      self.rel_pos_table = self.param(
+          "rel_pos_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads")),
+          (num_rel, self.heads), jnp.float32)
+    if self.pos_embed not in ("none", "sincos"):
+      raise ValueError(f"model.pos_embed={self.pos_embed!r}: use none or sincos")
     self.drop = nn.Dropout(self.dropout)
 
   def local(self, batch, *, student: bool = False, deterministic: bool = True):
@@ -97,14 +124,18 @@ class VisionEmbed(nn.Module):
     if img.shape[1:] != (self.image_size, self.image_size, self.channels):
       raise ValueError(f"batch['image'] has shape {img.shape}; the model expects "
                        f"[B, {self.image_size}, {self.image_size}, {self.channels}] (NHWC)")
-    x = self.patch(img.astype(self.dtype))
-    return x.reshape(x.shape[0], g * g, d), None
+    x = self.patch(img.astype(self.dtype)).reshape(img.shape[0], g * g, d)
+    if self.pos_embed == "sincos":   # before masking, so every kept patch keeps its position
+      x = x + jnp.asarray(sincos_2d(d, g), x.dtype)[None]
+    return x, None
 
   def _bias(self):
+    if not self.rel_pos_bias:
+      return None
     g = self.grid
     t = g * g + 1
     idx = relative_position_index(g, g)
-    return self.rel_pos_bias[idx.reshape(-1)].reshape(t, t, self.heads).transpose(2, 0, 1)[None]
+    return self.rel_pos_table[idx.reshape(-1)].reshape(t, t, self.heads).transpose(2, 0, 1)[None]
 
   def _with_cls(self, x, deterministic: bool):
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.hidden))
@@ -126,7 +157,10 @@ class VisionEmbed(nn.Module):
     gathered on both axes (distances stay those of the full grid)."""
     del valid, mask
     x = self._with_cls(gather_tokens(x, visible), deterministic)
-    return x, None, gather_bias(self._bias(), with_extra(visible, self.num_extra_tokens))
+    bias = self._bias()
+    if bias is None:
+      return x, None, None
+    return x, None, gather_bias(bias, with_extra(visible, self.num_extra_tokens))
 
 
 def beit_init(params: dict, rng: jax.Array) -> dict:
@@ -170,4 +204,5 @@ def build(cfg) -> VisionEmbed:
                      f"model.patch_size={m.patch_size}")
   return VisionEmbed(image_size=m.image_size, patch_size=m.patch_size, hidden=m.encoder.hidden,
                      heads=m.encoder.heads, channels=m.channels,
-                     dropout=m.embed_dropout, dtype=jnp.dtype(cfg.dtype))
+                     dropout=m.embed_dropout, rel_pos_bias=bool(m.rel_pos_bias),
+                     pos_embed=str(m.pos_embed), dtype=jnp.dtype(cfg.dtype))
