@@ -20,6 +20,16 @@ def tiny_text_config(**overrides):
   return cfg
 
 
+# Steps that change the model, for "trains like" comparisons: no warm-up (the first update is
+# at the peak lr 1e-3; with the default warm-up the first step runs at lr 0, so two runs agree
+# on step 1 and its loss whatever they do) and a teacher that moves (tau 0.9, not 0.999).
+MOVING = {"optim.warmup_steps": 0, "teacher.tau_start": 0.9, "teacher.tau_end": 0.9}
+
+
+def moving_text_config(**overrides):
+  return tiny_text_config(**{**MOVING, **overrides})
+
+
 def run_steps(cfg, n: int, devices=None, batch=None):
   """n steps from init(seed) on `devices`; returns (state on host, per-step metrics)."""
   built = build_lib.build(cfg, devices=devices)
@@ -33,16 +43,40 @@ def run_steps(cfg, n: int, devices=None, batch=None):
   return jax.device_get(state), out, built
 
 
+def assert_trees_close(ta, tb, tol: float, what: str = "", per_leaf: bool = False):
+  """Leaf by leaf within `tol`: absolute (parameters, teacher: their updates are ~lr per step,
+  1e-3 here, whatever the leaf's scale), or with per_leaf=True relative to each leaf's largest
+  |b| plus 1e-2 x the tree's largest (optimizer state: Adam's second moments are ~1e-8 and are
+  compared as closely as the first; the floor covers leaves of pure rounding noise, such as
+  the moments of key biases, which get no gradient). Integer leaves must be equal."""
+  import numpy as np
+  la, lb = jax.tree_util.tree_leaves(ta), jax.tree_util.tree_leaves(tb)
+  assert len(la) == len(lb), what
+  floats = [np.asarray(b) for b in lb if np.issubdtype(np.asarray(b).dtype, np.floating)]
+  top = max((float(np.abs(b).max()) for b in floats if b.size), default=0.0)
+  for i, (a, b) in enumerate(zip(la, lb)):
+    a, b = np.asarray(a), np.asarray(b)
+    if not np.issubdtype(b.dtype, np.floating):
+      np.testing.assert_array_equal(a, b, err_msg=f"{what} leaf {i}")
+      continue
+    atol = tol * (float(np.abs(b).max()) + 1e-2 * top) if per_leaf else tol
+    np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=f"{what} leaf {i}")
+
+
 def assert_same_training(run_a, run_b, tol: float = 1e-5):
-  """Two run_steps results: per-step losses (relative) and params / teacher / optimizer state
-  (absolute and relative) within `tol`."""
+  """Two run_steps results: per-step losses (relative), params and teacher (absolute) and
+  optimizer state (relative to each leaf, assert_trees_close) within `tol`. The runs must have
+  trained:
+  their losses change by more than 1000 x tol over the steps (a run at lr 0 fails here)."""
   import numpy as np
   (sa, ma, _), (sb, mb, _) = run_a, run_b
+  assert len(ma) == len(mb)
   for a, b in zip(ma, mb):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=tol)
-  for ta, tb in ((sa.params, sb.params), (sa.teacher, sb.teacher), (sa.opt_state, sb.opt_state)):
-    for a, b in zip(jax.tree_util.tree_leaves(ta), jax.tree_util.tree_leaves(tb)):
-      np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
+  losses = np.array([m["loss"] for m in mb])
+  assert np.ptp(losses) > 1e3 * tol * np.abs(losses).max(), losses
+  for name in ("params", "teacher", "opt_state"):
+    assert_trees_close(getattr(sa, name), getattr(sb, name), tol, name, name == "opt_state")
 
 
 def step_once_keeps_shardings(cfg, built):

@@ -12,9 +12,10 @@ import pytest
 from d2v_jax import build as build_lib
 from d2v_jax.data import text as text_data
 from d2v_jax.models import transformer
-from step_utils import assert_same_training, run_steps, tiny_text_config
+from step_utils import assert_same_training, moving_text_config, run_steps, tiny_text_config
 
-STEPS = 2
+# Steps that change the model (tests/step_utils.py MOVING: no warm-up, tau 0.9).
+STEPS = 5
 
 
 def _temp_bytes(cfg) -> int:
@@ -39,8 +40,9 @@ def test_every_remat_policy_trains_like_the_default():
   """Each policy (dropout on: the recomputation redraws the same masks) gives the default's
   encoder outputs and parameter gradients to 1e-5 (the encoder is all that remat wraps; one
   small compile per policy); the whole train step under `full` gives the default's losses,
-  parameters, teacher and optimizer state after 2 steps to 1e-5."""
-  cfg = tiny_text_config()
+  parameters, teacher and Adam moments after 5 steps that change the model to 1e-5
+  (tests/step_utils.py assert_same_training: params absolute, moments per leaf)."""
+  cfg = moving_text_config()
   x = jax.random.normal(jax.random.PRNGKey(0), (4, cfg.data.block_size, cfg.model.encoder.hidden))
   weights = jax.random.normal(jax.random.PRNGKey(1), x.shape)
 
@@ -61,17 +63,19 @@ def test_every_remat_policy_trains_like_the_default():
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(base_g)):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=remat)
   base = run_steps(cfg, STEPS, devices=jax.devices()[:1])
-  run = run_steps(tiny_text_config(**{"model.encoder.remat": "full"}), STEPS, devices=jax.devices()[:1])
+  run = run_steps(moving_text_config(**{"model.encoder.remat": "full"}), STEPS, devices=jax.devices()[:1])
   assert_same_training(base, run, 1e-5)
 
 
 def test_scan_false_trains_like_scan():
-  """scan=False names the layers layers_0.. (and draws other random numbers): same weights,
-  unstacked, and no dropout give the same losses (2 steps, 1e-5)."""
+  """scan=False names the layers layers_0.. (and draws other random numbers): from the same
+  weights, unstacked, with no dropout, 5 steps that change the model give the same losses to
+  1e-5 and the same params, teacher and Adam moments (restacked) as the scanned run
+  (tests/step_utils.py assert_same_training)."""
   quiet = {"model.encoder.dropout": 0.0, "model.encoder.attention_dropout": 0.0,
            "model.embed_dropout": 0.0}
-  scanned_cfg = tiny_text_config(**quiet)
-  unscanned_cfg = tiny_text_config(**quiet, **{"model.encoder.scan": False})
+  scanned_cfg = moving_text_config(**quiet)
+  unscanned_cfg = moving_text_config(**quiet, **{"model.encoder.scan": False})
   scanned = run_steps(scanned_cfg, STEPS, devices=jax.devices()[:1])
   built = build_lib.build(unscanned_cfg, devices=jax.devices()[:1])
   start = build_lib.build(scanned_cfg, devices=jax.devices()[:1]).init(scanned_cfg.seed)
@@ -86,17 +90,31 @@ def test_scan_false_trains_like_scan():
         out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: x[i], tree["layers"])
     return out
 
+  def restack(tree):
+    """Inverse of unstack, on any params-shaped dict (params, teacher, Adam moments)."""
+    if not isinstance(tree, dict):
+      return tree
+    out = {k: restack(v) for k, v in tree.items() if not k.startswith("layers_")}
+    if "layers_0" in tree:
+      out["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs),
+                                             *[tree[f"layers_{i}"] for i in range(n)])
+    return out
+
   own = built.init(unscanned_cfg.seed)
   state = own.replace(params=unstack(jax.device_get(start.params)),
                       teacher=unstack(jax.device_get(start.teacher)))
   state = jax.device_put(state, built.state_shardings)
   batch = build_lib.to_global(text_data.example_batch(unscanned_cfg, unscanned_cfg.batch_size),
                               built.batch_shardings)
-  losses = []
+  metrics = []
   for _ in range(STEPS):
     state, m = built.step(state, batch)
-    losses.append(float(m["loss"]))
-  np.testing.assert_allclose(losses, [m["loss"] for m in scanned[1]], rtol=1e-5)
+    metrics.append({"loss": float(m["loss"])})
+  state = jax.device_get(state)
+  opt = jax.tree_util.tree_map(restack, state.opt_state, is_leaf=lambda x: isinstance(x, dict))
+  unscanned = (state.replace(params=restack(state.params), teacher=restack(state.teacher),
+                             opt_state=opt), metrics, built)
+  assert_same_training(scanned, unscanned, 1e-5)
 
 
 def test_compiled_temporaries_follow_what_each_policy_keeps():
