@@ -125,3 +125,144 @@ def test_v2_text_step_matches_fairseq(fs):
                            P.teacher_after(layout, new_state))
   assert n == len(model.ema.fp32_params)
   _check("v2 text", ours, ref, ema_err, n)
+
+
+# ------------------------------------------------------------------------------ v2 audio
+
+FS_CONV = "[(16, 10, 5)] + [(16, 3, 2)] * 2"   # 20x down-sampling: 1,600 samples -> 79 frames
+
+
+def _v2_audio_model(fs):
+  torch, d2, mods = fs.torch, fs.data2vec2, fs.modalities
+  dec = mods.modules.D2vDecoderConfig(decoder_dim=16, decoder_groups=4, decoder_kernel=3,
+                                      decoder_layers=2, input_dropout=0.0, decoder_residual=True,
+                                      projection_layers=1)
+  acfg = mods.audio.D2vAudioConfig(
+      feature_encoder_spec=FS_CONV, conv_pos_width=12, conv_pos_depth=2, conv_pos_groups=4,
+      prenet_depth=0, prenet_dropout=0.0, mask_prob=0.5, mask_length=3, mask_noise_std=0.0,
+      use_alibi_encoder=True, learned_alibi_scale=True, learned_alibi_scale_per_head=True,
+      decoder=dec, num_alibi_heads=2, model_depth=2)
+  cfg = d2.Data2VecMultiConfig(
+      loss_beta=0, loss_scale=None, depth=2, embed_dim=32, num_heads=2, clone_batch=2,
+      ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10, ema_encoder_only=False,
+      average_top_k_layers=2, instance_norm_target_layer=True, layerdrop=0, norm_eps=1e-5,
+      encoder_dropout=0, post_mlp_drop=0, attention_dropout=0, activation_dropout=0,
+      supported_modality=fs.Modality.AUDIO, max_update=10, seed=1)
+  cfg.modalities.audio = acfg
+  torch.manual_seed(0)
+  model = d2.Data2VecMultiModel.build_model(cfg)
+  with torch.no_grad():   # a teacher that differs from the student, ALiBi scales off 1
+    for v in model.ema.fp32_params.values():
+      v.add_(0.02 * torch.randn_like(v))
+    model.modality_encoders["AUDIO"].alibi_scale.mul_(torch.tensor([0.5, 1.5]).view(1, 1, 2, 1, 1))
+    model.ema.restore(model.ema.fp32_params)
+  return model, {**_plainify(cfg), "_name": "data2vec_multi"}
+
+
+def test_v2_audio_step_matches_fairseq(fs):
+  torch = fs.torch
+  model, model_cfg = _v2_audio_model(fs)
+  state = P.torch_state(model)
+  cfg, layout = P.our_config(
+      "configs/audio.py:variant=tiny,v2", model_cfg, state,
+      **{"data.max_samples": 1600, "data.min_samples": 1600, "data.buckets": (1600,),
+         "batch_size": 2, "seed": 0,
+         "optim.schedule": "cosine", "optim.warmup_steps": 0, "optim.lr": 1e-3,
+         "optim.clip": 0.0, "guards.min_target_var": 0.0, "guards.min_pred_var": 0.0})
+  assert cfg.model.alibi and "embed/alibi_scale" in cfg.teacher.ema_subtrees
+  built, st = P.build_ours(cfg, layout, state)
+  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
+  ours = P.our_side(built, st, batch, layout)
+
+  model.train()
+  captured, dec_out = {}, []
+  make_targets = model.make_targets
+  model.make_targets = lambda y, k: captured.setdefault("y", make_targets(y, k))
+  model.modality_encoders["AUDIO"].decoder.register_forward_hook(lambda m, i, o: dec_out.append(o))
+  mask = torch.from_numpy(batch["mask"].reshape(-1, batch["mask"].shape[-1]))
+  res = model(torch.from_numpy(batch["audio"]), precomputed_mask=mask)
+  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
+  ref = P.Side(targets=captured["y"].detach().numpy(), pred=dec_out[0][mask].detach().numpy(),
+               loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
+
+  new_state, tau = P.one_step(built, st, batch)
+  P.load_student(model, layout, new_state.params, torch)
+  model.set_num_updates(1)
+  assert abs(model.ema.get_decay() - tau) < 1e-7
+  fs_ema = {k: v.numpy() for k, v in model.ema.fp32_params.items()}
+  ema_err, n = P.ema_error(fs_ema, P.teacher_after(layout, new_state))
+  assert n == len(fs_ema), sorted(set(fs_ema) - set(P.teacher_after(layout, new_state)))
+  _check("v2 audio", ours, ref, ema_err, n)
+
+
+# ----------------------------------------------------------------------------- v2 images
+
+
+def _v2_image_model(fs):
+  torch, d2, mods = fs.torch, fs.data2vec2, fs.modalities
+  dec = mods.modules.D2vDecoderConfig(decoder_dim=32, decoder_groups=4, decoder_kernel=3,
+                                      decoder_layers=2, input_dropout=0.0, decoder_residual=True)
+  icfg = mods.images.D2vImageConfig(
+      input_size=16, patch_size=4, embed_dim=32, prenet_depth=1, inverse_mask=True,
+      mask_prob=0.75, mask_length=1, mask_noise_std=0.0, ema_local_encoder=True,
+      num_extra_tokens=1, init_extra_token_zero=False, use_alibi_encoder=False, decoder=dec,
+      num_alibi_heads=2, model_depth=2)
+  cfg = d2.Data2VecMultiConfig(
+      loss_beta=0, loss_scale=None, depth=2, embed_dim=32, num_heads=2, clone_batch=2,
+      ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10, ema_encoder_only=False,
+      average_top_k_layers=2, instance_norm_target_layer=True, layer_norm_targets=True,
+      norm_eps=1e-6, encoder_dropout=0, post_mlp_drop=0, attention_dropout=0,
+      activation_dropout=0, cls_loss=0.01, supported_modality=fs.Modality.IMAGE, max_update=10,
+      seed=1)
+  cfg.modalities.image = icfg
+  torch.manual_seed(0)
+  model = d2.Data2VecMultiModel.build_model(cfg)
+  with torch.no_grad():   # a teacher that differs from the student
+    for k, v in model.ema.fp32_params.items():
+      if "fixed_positional" not in k:
+        v.add_(0.02 * torch.randn_like(v))
+    model.ema.restore(model.ema.fp32_params)
+  return model, {**_plainify(cfg), "_name": "data2vec_multi"}
+
+
+def test_v2_image_step_matches_fairseq(fs):
+  torch = fs.torch
+  model, model_cfg = _v2_image_model(fs)
+  state = P.torch_state(model)
+  rows = 2 * 2   # fairseq weights the CLS loss by the rows (images x clones) per GPU
+  cfg, layout = P.our_config(
+      "configs/vision.py:variant=tiny,v2", model_cfg, state,
+      **{"batch_size": 2, "seed": 0, "v2.cls_loss": 0.01 * rows, "data.min_mask_block": 1,
+         "optim.warmup_steps": 0,
+         "optim.lr": 1e-3, "optim.clip": 0.0, "optim.init_lr_scale": 0.0})
+  # fairseq's fixed table is ours (model.pos_embed = "sincos"), to float32 rounding
+  from d2v_jax.models.vision import sincos_2d
+  np.testing.assert_allclose(
+      sincos_2d(32, 4), state["modality_encoders.IMAGE.fixed_positional_encoder.positions"][0],
+      atol=1e-6)
+  built, st = P.build_ours(cfg, layout, state)
+  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
+  ours = P.our_side(built, st, batch, layout)
+
+  model.train()
+  captured, dec_out = {}, []
+  make_targets = model.make_targets
+  model.make_targets = lambda y, k: captured.setdefault("y", make_targets(y, k))
+  model.modality_encoders["IMAGE"].decoder.register_forward_hook(lambda m, i, o: dec_out.append(o))
+  mask = torch.from_numpy(batch["mask"].reshape(-1, batch["mask"].shape[-1]))
+  image = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+  res = model(image, precomputed_mask=mask)
+  assert set(res["losses"]) == {"cls", "IMAGE_regression"}
+  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
+  ref = P.Side(targets=captured["y"].detach().numpy(), pred=dec_out[0][mask].detach().numpy(),
+               loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
+
+  new_state, tau = P.one_step(built, st, batch)
+  P.load_student(model, layout, new_state.params, torch)
+  model.set_num_updates(1)
+  assert abs(model.ema.get_decay() - tau) < 1e-7
+  fs_ema = {k: v.numpy() for k, v in model.ema.fp32_params.items()}
+  ours_ema = P.teacher_after(layout, new_state)
+  ema_err, n = P.ema_error(fs_ema, ours_ema)
+  assert set(fs_ema) - set(ours_ema) == {"modality_encoders.IMAGE.fixed_positional_encoder.positions"}
+  _check("v2 images", ours, ref, ema_err, n)
