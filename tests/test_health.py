@@ -15,7 +15,7 @@ from d2v_jax.data import text_tokenizer
 from d2v_jax.config import ConfigError
 from d2v_jax.probe import features, rank as rankme
 from d2v_jax.data import text as text_data
-from step_utils import tiny_text_config
+from step_utils import moving_text_config, tiny_text_config
 
 
 # ----------------------------------------------------------------------- effective rank
@@ -136,7 +136,9 @@ def test_masked_cosine_and_relative_distance_hand_computed():
 
 
 def test_train_step_logs_health_metrics():
-  cfg = tiny_text_config()
+  """One step at lr 1e-3 (no warm-up: at lr 0 the student would not move and teacher_dist
+  would be 0 on both sides) with tau 0.9."""
+  cfg = moving_text_config()
   cfg.target.top_k = 1   # then target_var_l2 is the std of the (only) target layer
   built = build_lib.build(cfg, devices=jax.devices()[:1])
   state = built.init(cfg.seed)
@@ -153,6 +155,9 @@ def test_train_step_logs_health_metrics():
   diff = math.sqrt(sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
                        for a, b in zip(jax.tree_util.tree_leaves(s0), jax.tree_util.tree_leaves(s1))))
   norm = math.sqrt(sum(float(np.sum(np.asarray(a) ** 2)) for a in jax.tree_util.tree_leaves(s1)))
+  assert m["tau"] == pytest.approx(0.9) and diff > 1e-2 * norm   # the student moved (1.7 %)
+  # measured gap 1e-9 relative; the teacher not updated (or compared with the student before
+  # the update) gives 1 / tau times this value (+11 %), no teacher part 0
   assert m["teacher_dist"] == pytest.approx(m["tau"] * diff / norm, rel=1e-3)
   # with top_k = K the last K layers are logged, 1-based
   assert health.layer_names(2, 2) == ["target_var_l1", "target_var_l2"]
@@ -243,8 +248,23 @@ def test_hook_writes_rank_and_probe_at_configured_steps(tmp_path):
   assert outs[3]["probe_chance"] == pytest.approx(0.5, abs=0.05)
   assert outs[6]["probe_linear_acc"] == outs[3]["probe_linear_acc"]  # same state, same split
   # the hook's rank is the RankMe of the token features of its fixed batch
-  feats = features.FeatureEncoder(built, -1, chunk=16)(state.params, hook._fixed_batch())
+  enc = features.FeatureEncoder(built, -1, chunk=16)
+  feats = enc(state.params, hook._fixed_batch())
   assert r["rank_student"] == pytest.approx(rankme.effective_rank_from_gram(feats.gram), rel=1e-6)
+  # ... and rank_teacher that of the teacher's: a teacher unlike the student (another seed's
+  # encoder; the shared embedding stays the student's) has its own rank
+  other = state.replace(teacher=built.init(1).teacher)
+  again = eval_hook.Hook(cfg, built, workdir)
+  w2 = metrics_lib.Writer(str(tmp_path))
+  r2 = again(2, other, w2)
+  w2.close()
+  from d2v_jax import ema
+  teacher_feats = enc(ema.teacher_params(other.params, other.teacher), again._fixed_batch())
+  assert r2["rank_student"] == pytest.approx(r["rank_student"], rel=1e-6)
+  assert r2["rank_teacher"] == pytest.approx(rankme.effective_rank_from_gram(teacher_feats.gram),
+                                             rel=1e-6)
+  # measured 40.12 vs 40.16: 100x the 1e-6 of the equalities above
+  assert abs(r2["rank_teacher"] - r2["rank_student"]) > 1e-4 * r2["rank_student"]
 
 
 def test_hook_is_off_without_eval_keys_and_bad_eval_keys_fail_validation():
