@@ -266,3 +266,212 @@ def test_v2_image_step_matches_fairseq(fs):
   ema_err, n = P.ema_error(fs_ema, ours_ema)
   assert set(fs_ema) - set(ours_ema) == {"modality_encoders.IMAGE.fixed_positional_encoder.positions"}
   _check("v2 images", ours, ref, ema_err, n)
+
+
+# ------------------------------------------------------------------------------ v1 text
+
+
+def _perturb_ema(fs, model, keep=lambda k: True):
+  """A teacher that differs from the student in what fairseq averages (not in its copies)."""
+  torch = fs.torch
+  with torch.no_grad():
+    for k, v in model.ema.fp32_params.items():
+      if keep(k) and v.is_floating_point():
+        v.add_(0.02 * torch.randn_like(v))
+    model.ema.restore(model.ema.fp32_params)
+
+
+def _v1_text_model(fs, vocab):
+  torch = fs.torch
+  from fairseq.models.transformer.transformer_config import TransformerConfig
+  t = TransformerConfig()
+  t.encoder.embed_dim, t.encoder.ffn_embed_dim, t.encoder.layers = 32, 64, 2
+  t.encoder.attention_heads, t.encoder.normalize_before, t.encoder.learned_pos = 2, False, True
+  t.layernorm_embedding, t.no_scale_embedding, t.activation_fn = True, True, "gelu"
+  t.dropout = t.attention_dropout = t.activation_dropout = 0.0
+  t.max_source_positions = 30
+  cfg = fs.data2vec_text.Data2VecTextConfig(
+      max_positions=30, head_layers=2, transformer=t, loss_beta=4.0, loss_scale=1.0,
+      average_top_k_layers=2, layer_norm_target_layer=True, ema_decay=0.9, ema_end_decay=0.99,
+      ema_anneal_end_step=10)
+
+  class Task:
+    source_dictionary = vocab
+
+    class cfg:
+      data = ""
+  torch.manual_seed(0)
+  model = fs.data2vec_text.Data2VecTextModel.build_model(cfg, Task)
+  model.set_num_updates(0)        # fairseq makes the EMA teacher here
+  _perturb_ema(fs, model.encoder, keep=lambda k: k.startswith("layers."))
+  return model, {**_plainify(cfg), "_name": "data2vec_text"}
+
+
+def test_v1_text_step_matches_fairseq(fs):
+  torch = fs.torch
+  vocab = _dictionary(fs, 40)
+  model, model_cfg = _v1_text_model(fs, vocab)
+  state = P.torch_state(model)
+  cfg, layout = P.our_config(
+      "configs/text.py:variant=tiny", model_cfg, state,
+      **{"data.path": "synthetic", "data.block_size": 12, "batch_size": 2, "seed": 0,
+         "optim.warmup_steps": 0, "optim.lr": 1e-3, "optim.clip": 0.0})
+  built, st = P.build_ours(cfg, layout, state)
+  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
+  assert batch["mask"].sum() > 0 and (batch["student"][batch["mask"]] == len(vocab) - 1).all()
+  ours = P.our_side(built, st, batch, layout)
+
+  model.train()
+  captured = {}
+  head = model.encoder.regression_head
+  head.register_forward_hook(lambda m, i, o: captured.update(pred=o))
+  ema_fwd = model.encoder.ema.model.forward
+
+  def teacher(*a, **k):   # fairseq's targets are computed inline: recompute them from its layers
+    out = ema_fwd(*a, **k)
+    y = [torch.nn.functional.layer_norm(tl.float(), tl.shape[-1:]) for tl in out["fc_results"][-2:]]
+    captured["y"] = (sum(y) / len(y)).transpose(0, 1)
+    return out
+  model.encoder.ema.model.forward = teacher
+  src = torch.from_numpy(batch["student"].astype(np.int64))
+  tgt = torch.from_numpy(batch["source"].astype(np.int64))
+  res = model(src, target_tokens=tgt)
+  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
+  ref = P.Side(targets=captured["y"].detach().numpy(), pred=captured["pred"].detach().numpy(),
+               loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
+
+  new_state, tau = P.one_step(built, st, batch)
+  P.load_student(model, layout, new_state.params, torch)
+  model.set_num_updates(1)
+  assert abs(model.encoder.ema.get_decay() - tau) < 1e-7
+  fs_ema = {k: v.numpy() for k, v in model.encoder.ema.fp32_params.items()}
+  ema_err, n = P.ema_error(fs_ema, P.teacher_after(layout, new_state))
+  assert n == len(fs_ema) - 1   # all but the encoder's `version` buffer
+  _check("v1 text", ours, ref, ema_err, n)
+
+
+# ----------------------------------------------------------------------------- v1 audio
+
+
+def _v1_audio_model(fs):
+  torch = fs.torch
+  cfg = fs.data2vec_audio.Data2VecAudioConfig(
+      extractor_mode="layer_norm", conv_feature_layers=FS_CONV, conv_bias=False,
+      encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=2,
+      conv_pos=12, pos_conv_depth=2, conv_pos_groups=4, dropout=0.0, attention_dropout=0.0,
+      activation_dropout=0.0, dropout_input=0.0, encoder_layerdrop=0.0, layer_norm_first=False,
+      average_top_k_layers=2, instance_norm_target_layer=True, loss_beta=0.0, loss_scale=None,
+      ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10, max_update=10)
+  torch.manual_seed(0)
+  model = fs.data2vec_audio.Data2VecAudioModel.build_model(cfg)
+  model.set_num_updates(0)
+  _perturb_ema(fs, model, keep=lambda k: not k.startswith("pos_conv."))
+  return model, {**_plainify(cfg), "_name": "data2vec_audio"}
+
+
+def test_v1_audio_step_matches_fairseq(fs):
+  torch = fs.torch
+  model, model_cfg = _v1_audio_model(fs)
+  state = P.torch_state(model)
+  cfg, layout = P.our_config(
+      "configs/audio.py:variant=tiny", model_cfg, state,
+      **{"data.max_samples": 1600, "data.min_samples": 1600, "data.buckets": (1600,),
+         "data.span": 3, "batch_size": 2, "seed": 0, "optim.schedule": "cosine",
+         "optim.warmup_steps": 0, "optim.lr": 1e-3, "optim.clip": 0.0,
+         "guards.min_target_var": 0.0, "guards.min_pred_var": 0.0})
+  built, st = P.build_ours(cfg, layout, state)
+  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
+  ours = P.our_side(built, st, batch, layout)
+
+  model.train()
+  captured = {}
+  model.final_proj.register_forward_hook(lambda m, i, o: captured.update(pred=o))
+  ema_fwd = model.ema.model.extract_features
+
+  def teacher(*a, **k):
+    x, layers = ema_fwd(*a, **k)
+    y = [torch.nn.functional.instance_norm(lr[2].permute(1, 2, 0).float()).transpose(1, 2)
+         for lr in layers]
+    captured["y"] = sum(y) / len(y)
+    return x, layers
+  model.ema.model.extract_features = teacher
+  mask = torch.from_numpy(batch["mask"])
+  res = model(torch.from_numpy(batch["audio"]), mask_indices=mask)
+  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
+  ref = P.Side(targets=captured["y"].detach().numpy(), pred=captured["pred"].detach().numpy(),
+               loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
+
+  new_state, tau = P.one_step(built, st, batch)
+  P.load_student(model, layout, new_state.params, torch)
+  model.set_num_updates(1)
+  assert abs(model.ema.get_decay() - tau) < 1e-7
+  fs_ema = {k: v.numpy() for k, v in model.ema.fp32_params.items()}
+  ema_err, n = P.ema_error(fs_ema, P.teacher_after(layout, new_state))
+  assert n == len(fs_ema)
+  _check("v1 audio", ours, ref, ema_err, n)
+
+
+# ---------------------------------------------------------------------------- v1 vision
+
+
+def _v1_vision_model(fs):
+  torch = fs.torch
+  cfg = fs.data2vec_vision.Data2VecVisionConfig(
+      image_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2, drop_path=0.0,
+      attention_dropout=0.0, layer_scale_init_value=0.1, average_top_k_layers=2,
+      end_of_block_targets=True, layer_norm_target_layer=True, layer_norm_targets=True,
+      loss_beta=0.0, loss_scale=None, ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10)
+  torch.manual_seed(0)
+  model = fs.data2vec_vision.Data2VecVisionModel.build_model(cfg)
+  model.set_num_updates(0)
+  _perturb_ema(fs, model, keep=lambda k: "relative_position_index" not in k)
+  return model, {**_plainify(cfg), "_name": "data2vec_vision"}
+
+
+def test_v1_vision_step_matches_fairseq_port(fs, capsys):
+  """fairseq's own port (examples/data2vec/models/data2vec_vision.py), not the data2vec_vision
+  repository our 1.0 vision recipe follows: no regression head, a teacher fed the student's
+  patch embeddings, LayerNorm eps 1e-5 (our config options; docs/fairseq.md)."""
+  torch = fs.torch
+  model, model_cfg = _v1_vision_model(fs)
+  state = P.torch_state(model)
+  cfg, layout = P.our_config(
+      "configs/vision.py:variant=tiny", model_cfg, state,
+      **{"batch_size": 2, "seed": 0, "data.min_mask_block": 2, "data.num_mask_patches": 6,
+         "optim.warmup_steps": 0, "optim.lr": 1e-3, "optim.clip": 0.0, "optim.init_lr_scale": 0.0})
+  assert cfg.head.layers == 0 and cfg.teacher.share_local
+  built, st = P.build_ours(cfg, layout, state)
+  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
+  ours = P.our_side(built, st, batch, layout)
+
+  model.train()
+  captured = {}
+  mask = torch.from_numpy(batch["mask"])
+  model.make_mask = lambda bsz, *a: mask.view(bsz, 4, 4).long()
+  model.encoder.register_forward_hook(lambda m, i, o: captured.update(pred=o[mask]))
+  ema_fwd = model.ema.model.forward
+
+  def teacher(*a, **k):
+    out = ema_fwd(*a, **k)
+    ln = lambda t: torch.nn.functional.layer_norm(t.float(), t.shape[-1:])
+    captured["y"] = ln(sum(ln(t) for t in out[-2:]) / 2)
+    return out
+  model.ema.model.forward = teacher
+  image = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+  res = model(image)
+  capsys.readouterr()   # the port's debug prints
+  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
+  ref = P.Side(targets=captured["y"].detach().numpy(), pred=captured["pred"].detach().numpy(),
+               loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
+  assert "final_proj.weight" not in ref.grads   # created, never used by the port
+
+  new_state, tau = P.one_step(built, st, batch)
+  P.load_student(model, layout, new_state.params, torch)
+  model.set_num_updates(1)
+  capsys.readouterr()
+  assert abs(model.ema.get_decay() - tau) < 1e-7
+  fs_ema = {k: v.numpy() for k, v in model.ema.fp32_params.items()}
+  ema_err, n = P.ema_error(fs_ema, P.teacher_after(layout, new_state))
+  assert n == len(fs_ema) - 1   # all but the position index buffer
+  with capsys.disabled():
+    _check("v1 vision (fairseq port)", ours, ref, ema_err, n)

@@ -107,6 +107,34 @@ def _audio_v1(m: dict, state: dict) -> dict:
   return {**out, **_targets(m), **_tau(m)}
 
 
+def _vision_v1(m: dict, state: dict) -> dict:
+  """fairseq's data2vec_vision port: BEiT blocks (pre-LN, q / v biases, layer scale, shared
+  relative position bias), nn.LayerNorm's eps 1e-5, the teacher an EMA of the encoder (blocks,
+  final norm, position table) fed the student's patch + CLS embeddings, no regression head."""
+  width = int(m.get("embed_dim", 768))
+  _need(bool(m.get("shared_rel_pos_bias", True)), "per-block relative position tables")
+  out = {"model.image_size": int(m.get("image_size", 224)), "model.patch_size": int(m.get("patch_size", 16)),
+         "model.channels": int(m.get("in_channels", 3)), "model.rel_pos_bias": True,
+         "model.pos_embed": "none", "model.embed_dropout": 0.0,
+         "model.encoder.num_layers": int(m.get("depth", 12)), "model.encoder.hidden": width,
+         "model.encoder.heads": int(m.get("num_heads", 12)),
+         "model.encoder.mlp_dim": int(width * float(m.get("mlp_ratio", 4))),
+         "model.encoder.layer_norm_eps": 1e-5, "model.encoder.pre_ln": True,
+         "model.encoder.key_bias": False, "model.encoder.input_norm": False,
+         "model.encoder.final_norm": True,
+         "model.encoder.layer_scale": float(m.get("layer_scale_init_value", 1e-4)),
+         "model.encoder.dropout": 0.0,
+         "model.encoder.attention_dropout": float(m.get("attention_dropout", 0.0)),
+         "model.encoder.drop_path": float(m.get("drop_path", 0.1)),
+         "head.layers": 0,
+         "target.layer_output": "end" if m.get("end_of_block_targets", True) else "ffn"}
+  if m.get("ema_transformer_only", True):
+    out.update({"teacher.ema_subtrees": ("encoder", "embed/rel_pos_bias"), "teacher.share_local": True})
+  else:
+    out.update({"teacher.ema_subtrees": ("embed", "encoder"), "teacher.share_local": False})
+  return {**out, **_targets(m), **_tau(m)}
+
+
 def _multi(m: dict, state: dict, layout: Layout) -> dict:
   mod = layout.name.split("/")[1]
   mc = ((m.get("modalities") or {}).get(mod.lower())) or {}
@@ -202,4 +230,6 @@ def settings(model_cfg: dict, state: dict, layout: Layout) -> dict:
     return _text_v1(model_cfg, state)
   if layout.name == "data2vec_audio":
     return _audio_v1(model_cfg, state)
+  if layout.name == "data2vec_vision":
+    return _vision_v1(model_cfg, state)
   return _multi(model_cfg, state, layout)

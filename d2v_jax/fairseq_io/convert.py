@@ -35,10 +35,20 @@ def entries(layout: Layout):
       yield f"{layout.layer_name(i)}.{name}", i, path, kind
 
 
+# Fused attention projections (layouts.py): one [3D, D] weight for our query / key / value.
+_FUSED = ("qkv", "qkv_qv")
+
+
+def _fused_names(name: str, kind: str) -> tuple[str, ...]:
+  if kind == "qkv":
+    return (f"{name}.weight", f"{name}.bias")
+  return (f"{name}.qkv.weight", f"{name}.q_bias", f"{name}.v_bias")
+
+
 def _leaves(name: str, path: tuple, kind: str):
   """(fairseq weight name, our leaf path, (to fairseq, from fairseq)) of one module."""
-  if kind == "qkv":
-    return [(f"{name}.{s}", path, None) for s in ("weight", "bias")]
+  if kind in _FUSED:
+    return [(n, path, None) for n in _fused_names(name, kind)]
   return [hf_common._leaf_names(name, path, suffix, leaf) + (conv,)
           for suffix, leaf, _, conv in KINDS[kind]]
 
@@ -51,9 +61,12 @@ def expected(layout: Layout, shapes: dict) -> dict[str, tuple]:
   out = {}
   for name, i, path, kind in entries(layout):
     root = zeros if i is None else blocks[i]
-    if kind == "qkv":
+    if kind in _FUSED:
       d_in, d_out = get_path(root, path + ("query", "kernel")).shape
-      out[f"{name}.weight"], out[f"{name}.bias"] = (3 * d_out, d_in), (3 * d_out,)
+      names = _fused_names(name, kind)
+      out[names[0]] = (3 * d_out, d_in)
+      for n in names[1:]:
+        out[n] = (3 * d_out,) if kind == "qkv" else (d_out,)
       continue
     for fs_name, ours, (to_fs, _) in _leaves(name, path, kind):
       out[fs_name] = tuple(to_fs(get_path(root, ours)).shape)
@@ -91,12 +104,19 @@ def from_state(layout: Layout, state: dict, shapes: dict, scan: bool,
   blocks: list[dict] = [{} for _ in range(layout.num_layers)]
   for name, i, path, kind in entries(layout):
     root = out if i is None else blocks[i]
-    if kind == "qkv":
-      w, b = (np.asarray(state[f"{name}.{s}"], np.float32) for s in ("weight", "bias"))
+    if kind in _FUSED:
+      names = _fused_names(name, kind)
+      w = np.asarray(state[names[0]], np.float32)
+      d = w.shape[0] // 3
       for j, part in enumerate(("query", "key", "value")):
-        d = w.shape[0] // 3
         put_path(root, path + (part, "kernel"), np.ascontiguousarray(w[j * d:(j + 1) * d].T))
-        put_path(root, path + (part, "bias"), b[j * d:(j + 1) * d].copy())
+      if kind == "qkv":
+        b = np.asarray(state[names[1]], np.float32)
+        for j, part in enumerate(("query", "key", "value")):
+          put_path(root, path + (part, "bias"), b[j * d:(j + 1) * d].copy())
+      else:   # BEiT: q and v biases, no k bias
+        put_path(root, path + ("query", "bias"), np.asarray(state[names[1]], np.float32).copy())
+        put_path(root, path + ("value", "bias"), np.asarray(state[names[2]], np.float32).copy())
       continue
     for fs_name, ours, (_, from_fs) in _leaves(name, path, kind):
       put_path(root, ours, np.ascontiguousarray(from_fs(np.asarray(state[fs_name], np.float32))))
@@ -116,10 +136,15 @@ def to_state(layout: Layout, params: dict, fold: bool = True) -> dict[str, np.nd
   out: dict[str, np.ndarray] = {}
   for name, i, path, kind in entries(layout):
     root = params if i is None else blocks[i]
-    if kind == "qkv":
+    if kind in _FUSED:
       parts = [get_path(root, path + (p,)) for p in ("query", "key", "value")]
-      out[f"{name}.weight"] = np.concatenate([np.asarray(p["kernel"], np.float32).T for p in parts])
-      out[f"{name}.bias"] = np.concatenate([np.asarray(p["bias"], np.float32) for p in parts])
+      names = _fused_names(name, kind)
+      out[names[0]] = np.concatenate([np.asarray(p["kernel"], np.float32).T for p in parts])
+      if kind == "qkv":
+        out[names[1]] = np.concatenate([np.asarray(p["bias"], np.float32) for p in parts])
+      else:
+        out[names[1]] = np.asarray(parts[0]["bias"], np.float32)
+        out[names[2]] = np.asarray(parts[2]["bias"], np.float32)
       continue
     for fs_name, ours, (to_fs, _) in _leaves(name, path, kind):
       out[fs_name] = np.ascontiguousarray(to_fs(np.asarray(get_path(root, ours), np.float32)))

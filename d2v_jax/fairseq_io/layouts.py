@@ -4,10 +4,12 @@ A `Layout` lists (fairseq module name, our path, kind) for the modules outside t
 Transformer blocks and, once, for the modules inside a block; `layer_name(i)` gives block i's
 fairseq prefix. Kinds are those of d2v_jax/hf/common.py (PyTorch layouts: Linear weight
 (out, in), Conv1d (out, in/groups, k), ...) plus `qkv` (fairseq data2vec 2.0's fused
-attention projection) and `alibi` (the learned ALiBi scale).
+attention projection), `qkv_qv` (the same without a k bias, q / v biases apart: fairseq's
+BEiT port) and `alibi` (the learned ALiBi scale).
 
-The four models (fairseq `_name`): data2vec_text (1.0), data2vec_audio (1.0) and data2vec_multi
-(2.0) with its text, audio or image encoder. Also per layout: where the EMA teacher's weights
+The models (fairseq `_name`): data2vec_text, data2vec_audio and data2vec_vision (1.0; the last
+is fairseq's own port, see _vision_v1) and data2vec_multi (2.0) with its text, audio or image
+encoder. Also per layout: where the EMA teacher's weights
 sit in the checkpoint (`ema_key`, keyed relative to `ema_prefix`), which of our weights
 fairseq does not have (`fill`: filled on import, folded or checked on export) and which
 fairseq entries carry no weights of ours (`ignore`: buffers, heads fairseq drops).
@@ -196,6 +198,35 @@ def _multi(m: dict) -> Layout:
                 fill=fill, ignore=(rf"{re.escape(p)}\.fixed_positional_encoder\.positions$",))
 
 
+# fairseq's data2vec_vision port (BEiT blocks): a fused bias-free qkv weight with separate
+# q / v biases (no k bias), layer scales gamma_1 / gamma_2, MLP as nn.Sequential.
+VISION_V1_BLOCK = (("norm1", ("attn_norm",), "norm"),
+                   ("attn", ("attention",), "qkv_qv"),
+                   ("attn.proj", ("attention", "out"), "dense"),
+                   ("norm2", ("mlp_norm",), "norm"),
+                   ("mlp.0", ("fc1",), "dense"),
+                   ("mlp.2", ("fc2",), "dense"),
+                   ("gamma_1", ("lambda_1",), "param"),
+                   ("gamma_2", ("lambda_2",), "param"))
+
+
+def _vision_v1(m: dict) -> Layout:
+  """fairseq examples/data2vec/models/data2vec_vision.py. Its `final_proj` is created but never
+  applied (the encoder's normed output is the prediction): not imported, our head.layers=0."""
+  if not m.get("shared_rel_pos_bias", True):
+    raise ConfigError("fairseq data2vec_vision with per-block relative position tables "
+                      "(shared_rel_pos_bias=False) is not importable")
+  top = (("patch_embed.conv", ("embed", "patch"), "conv2d"),
+         ("cls_emb", ("embed", "cls_token"), "token"),
+         ("mask_emb", ("embed", "mask_token"), "token"),
+         ("encoder.rel_pos_bias.relative_position_bias_table", ("embed", "rel_pos_bias"), "param"),
+         ("encoder.norm", ("encoder", "final_norm"), "norm"))
+  return Layout("data2vec_vision", "vision", "v1", top, VISION_V1_BLOCK,
+                lambda i: f"encoder.blocks.{i}", int(m.get("depth", 12)), ema_key="_ema",
+                ema_prefix="encoder.", ema_scope=lambda n: n.startswith("encoder."),
+                ignore=(r"final_proj\..*", r"encoder\.rel_pos_bias\.relative_position_index$"))
+
+
 def layout(model_cfg: dict) -> Layout:
   """The layout of a fairseq model config (the checkpoint's cfg['model'])."""
   name = str(model_cfg.get("_name") or model_cfg.get("arch") or "")
@@ -206,9 +237,6 @@ def layout(model_cfg: dict) -> Layout:
   if name == "data2vec_multi":
     return _multi(model_cfg)
   if name == "data2vec_vision":
-    raise ConfigError(
-        "fairseq data2vec_vision checkpoints are not importable: fairseq's port of data2vec "
-        "1.0 vision is unfinished (docs/fairseq.md) and our 1.0 vision follows the BEiT-based "
-        "data2vec_vision repository; import its Hugging Face conversion with --hf instead")
+    return _vision_v1(model_cfg)
   raise ConfigError(f"fairseq model {name or '?'!r} is not a data2vec model we import "
-                    "(data2vec_text, data2vec_audio, data2vec_multi)")
+                    "(data2vec_text, data2vec_audio, data2vec_vision, data2vec_multi)")

@@ -20,7 +20,8 @@ from d2v_jax.models.visible import scatter_tokens
 
 
 class RegressionHead(nn.Module):
-  """Linear, or Linear -> GELU -> Linear (fairseq text `head_layers: 2`)."""
+  """Linear, or Linear -> GELU -> Linear (fairseq text `head_layers: 2`); layers=0: none, the
+  encoder output is the prediction (fairseq's data2vec_vision port never applies its head)."""
   hidden: int
   layers: int = 1
   hidden_mult: int = 2
@@ -28,6 +29,8 @@ class RegressionHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    if self.layers == 0:
+      return x
     for i in range(self.layers - 1):
       x = nn.gelu(dense(self.hidden * self.hidden_mult, ("embed", "mlp"), f"dense_{i}", self.dtype)(x),
                   approximate=False)

@@ -152,6 +152,14 @@ class VisionEmbed(nn.Module):
       x = jnp.where(m[..., None], self.mask_token.astype(x.dtype), x)
     return self._with_cls(x, deterministic), None, self._bias()
 
+  def context(self, x, valid, *, deterministic: bool = True, mask=None):
+    """Patch embeddings computed once (teacher.share_local: fairseq's data2vec_vision port
+    feeds its teacher the student's patch embeddings) -> mask token on `mask`, CLS in front."""
+    del valid
+    if mask is not None:
+      x = jnp.where(mask[..., None], self.mask_token.astype(x.dtype), x)
+    return self._with_cls(x, deterministic), None, self._bias()
+
   def visible(self, x, valid, mask, visible, *, deterministic: bool):
     """data2vec 2.0 student: the K visible patches, CLS in front, the relative position bias
     gathered on both axes (distances stay those of the full grid)."""
