@@ -14,8 +14,10 @@ failed background save raises `CheckpointError` (orbax only logs it) at the next
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import sys
 
 import jax
@@ -23,6 +25,34 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+DAMAGED_DIR = "damaged_checkpoints"   # where a damaged step is moved (never deleted)
+
+
+class _QuietOrbax(logging.Filter):
+  """orbax logs a failed save or restore as pages of ERROR records with tracebacks (several
+  per failure, from its background threads); Saver and the trainer raise the failure as one
+  line naming the step and the storage error, so orbax's own records are dropped. Other
+  libraries' absl records pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
+
+
+logging.getLogger("absl").addFilter(_QuietOrbax())
+
+
+def _unraisable(args, _previous=sys.unraisablehook) -> None:
+  """tensorstore's completion callbacks of a failed read / write may fire after orbax closed
+  the event loop they report to: a "RuntimeError: Event loop is closed" traceback per array,
+  printed as an unraisable exception. That error carries nothing (the failure itself is raised
+  as one line); every other unraisable exception is printed as usual."""
+  exc = args.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return
+  _previous(args)
+
+
+sys.unraisablehook = _unraisable
 
 
 class NoCheckpoint(FileNotFoundError):
@@ -31,6 +61,16 @@ class NoCheckpoint(FileNotFoundError):
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written; the message names the step and the cause."""
+
+
+class DamagedCheckpoint(ValueError):
+  """A checkpoint step on disk cannot be read back (truncated, corrupt or missing files)."""
+
+
+def steps_on_disk(workdir: str) -> list[int]:
+  """Finished steps of a run directory (what the directory holds, not a manager's cache)."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints")
+  return sorted(ocp.step.checkpoint_steps(path)) if os.path.isdir(path) else []
 
 
 def manager(workdir: str, keep: int = 3, async_save: bool = True,
@@ -67,13 +107,51 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
   if not os.path.isdir(path):
     raise NoCheckpoint(f"{workdir} has no checkpoints/ directory: train first "
                        f"(python -m d2v_jax.train --workdir {workdir} ...)")
-  mngr = ocp.CheckpointManager(path, item_names=("state", "meta"))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  steps = steps_on_disk(workdir)
+  if not steps:
     raise NoCheckpoint(f"{path} holds no finished checkpoint: train first or check the path")
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  mngr.close()
+  if step is not None and step not in steps:
+    raise NoCheckpoint(f"{workdir} has no checkpoint step {step}; its steps: {steps}")
+  step = steps[-1] if step is None else step
+  mngr = ocp.CheckpointManager(path, item_names=("state", "meta"))
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not isinstance(meta, dict) or "config" not in meta:
+      raise ValueError("its meta item holds no config")
+  except Exception as e:
+    raise DamagedCheckpoint(damaged_message(workdir, step, e, steps)) from None
+  finally:
+    mngr.close()
   return step, meta
+
+
+def damaged_message(workdir: str, step: int, e: BaseException, steps: list[int]) -> str:
+  others = [s for s in steps if s != step]
+  return (f"checkpoint step {step} of {workdir} is damaged ({storage_error(e)}); "
+          + (f"its other steps: {others} (--step N)" if others else "it has no other step"))
+
+
+def leaf_shapes(tree) -> dict[str, tuple]:
+  """Dotted leaf name -> shape, named as orbax names a saved leaf ("opt_state.1.0.count")."""
+  def name(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {".".join(name(k) for k in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree) if hasattr(x, "shape")}
+
+
+def fit_problems(saved: dict, want: dict, limit: int = 3) -> list[str]:
+  """How a checkpoint's leaf shapes differ from the state a config builds (at most `limit`).
+  Names that share nothing mean another naming scheme: orbax's restore decides then."""
+  if not saved.keys() & want.keys():
+    return []
+  out = [f"{k} {list(saved[k])} in the checkpoint, {list(want[k])} in this config"
+         for k in sorted(saved.keys() & want.keys()) if saved[k] != want[k]]
+  out += [f"{k} missing from the checkpoint" for k in sorted(want.keys() - saved.keys())]
+  out += [f"{k} not in this config's state" for k in sorted(saved.keys() - want.keys())]
+  return out[:limit] + ([f"{len(out) - limit} more"] if len(out) > limit else [])
 
 
 @jax.jit
@@ -98,7 +176,28 @@ def first_line(e: BaseException) -> str:
   """One line of an exception; long ones keep both ends (the OS error is usually last)."""
   text = (str(e).strip() or type(e).__name__).splitlines()[0]
   text = _TENSORSTORE_SPEC.sub("", text)
+  text = text.split(_TS_DETAILS)[0].strip()   # a repr of a bound method follows: no information
   return text if len(text) <= 400 else text[:180] + " ... " + text[-220:]
+
+
+_TS_DETAILS = "See full TensorStore details"
+
+
+def storage_error(e: BaseException) -> str:
+  """The line of a failed read / write that names the storage problem: orbax wraps
+  tensorstore's error (e.g. "DATA_LOSS: ... Error decoding ...", "OUT_OF_RANGE: ... byte range
+  ... is not valid") in an exception whose own text is a slice index and a repr; the innermost
+  cause with a message of its own is the one to show."""
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for x in reversed(chain):
+    text = first_line(x)
+    if text and not text.startswith("Encountered error while"):
+      return text
+  return first_line(chain[0])
 
 
 class Saver:
@@ -164,6 +263,35 @@ class Saver:
   def restore(self, abstract_state, shardings, step: int | None = None):
     self.poll(block=True)
     return restore(self.mngr, abstract_state, shardings, step)
+
+  def read_meta(self, step: int) -> dict:
+    """The meta item of `step` (data position, config); raises what orbax raises."""
+    meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
+      raise ValueError("its meta item holds no step / config")
+    return meta
+
+  def saved_shapes(self, step: int) -> dict[str, tuple]:
+    """Leaf shapes of the state saved at `step`, read from its metadata (no array is read)."""
+    md = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+    return leaf_shapes(getattr(md, "item_metadata", md))
+
+  def move_aside(self, step: int) -> str:
+    """Moves the directory of a damaged `step` to WORKDIR/damaged_checkpoints/<step>[.n] (never
+    deleted: it may be repairable, and it is evidence); returns where it went."""
+    root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    os.makedirs(root, exist_ok=True)
+    dst, n = os.path.join(root, str(step)), 0
+    while os.path.exists(dst):
+      n += 1
+      dst = os.path.join(root, f"{step}.{n}")
+    shutil.move(os.path.join(self.directory, str(step)), dst)
+    self.reload()
+    return dst
+
+  def reload(self) -> None:
+    """Forgets the manager's cached step list (a step was moved or another process changed it)."""
+    self.mngr.reload()
 
   def delete_after(self, step: int) -> list[int]:
     """Deletes checkpoints newer than `step` (written during an incident we roll back from)."""

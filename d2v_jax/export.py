@@ -24,7 +24,7 @@ from d2v_jax import console  # noqa: F401,E402  (first: quiet console)
 
 import jax  # noqa: E402
 
-from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed, ema  # noqa: E402
+from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed, ema, rundir  # noqa: E402
 from d2v_jax.hf import common as hf_common  # noqa: E402
 
 MARKER = "d2v_export.json"
@@ -36,6 +36,9 @@ class ExportError(ValueError):
 
 def check_out_dir(out: str, workdir: str, overwrite: bool) -> None:
   """Refuses to write into a directory holding something else (another model, other files)."""
+  why = rundir.problem(out, "dir")
+  if why:
+    raise ExportError(f"cannot write --out {out} ({why}); choose another --out")
   if not os.path.isdir(out) or not os.listdir(out) or overwrite:
     return
   marker = os.path.join(out, MARKER)
@@ -60,6 +63,9 @@ def restore_params(workdir: str, weights: str = "student", step: int | None = No
   mngr = checkpoint.manager(workdir, async_save=False)
   try:
     state, _ = checkpoint.restore(mngr, built.abstract_state, built.state_shardings, step)
+  except Exception as e:   # its config is the checkpoint's own: a read error is damage
+    raise checkpoint.DamagedCheckpoint(checkpoint.damaged_message(
+        workdir, step, e, checkpoint.steps_on_disk(workdir))) from None
   finally:
     mngr.close()
   if weights == "student":
@@ -100,7 +106,8 @@ def main(argv=None) -> None:
   distributed.initialize_from_args(a)
   try:
     out = export(a.workdir, a.out, a.weights, a.step, a.overwrite)
-  except (ExportError, checkpoint.NoCheckpoint, config_lib.ConfigError) as e:
+  except (ExportError, checkpoint.NoCheckpoint, checkpoint.DamagedCheckpoint,
+          config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)
   if distributed.is_writer():

@@ -44,8 +44,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
     tau = ema.tau_from_config(state.step + 1, cfg.teacher)
     teacher = ema.ema_update(state.teacher, ema.select_like(params, state.teacher), tau)
 
-  # A non-finite loss or gradient skips the update: params, teacher and optimizer state stay.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite loss, gradient or updated parameter (a finite gradient times a huge lr, an
+  # overflowing Adam moment) skips the update: params, teacher and optimizer state stay.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(_global_norm(params))
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = state.replace(
       step=state.step + 1, params=keep(params, state.params), teacher=keep(teacher, state.teacher),

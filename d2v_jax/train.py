@@ -20,8 +20,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed  # noqa: E402
-from d2v_jax import eval_hook, init_weights, metrics as metrics_lib, sharding, validate, watchdog  # noqa: E402
+from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed, drift  # noqa: E402
+from d2v_jax import eval_hook, init_weights, metrics as metrics_lib, resume, rundir, sharding  # noqa: E402
+from d2v_jax import validate, watchdog  # noqa: E402
 from d2v_jax.models import attention  # noqa: E402
 from d2v_jax.modality import load as load_modality  # noqa: E402
 
@@ -54,24 +55,45 @@ def preflight(workdir: str) -> None:
 
 
 class _Preempted:
-  """SIGTERM (TPU VM maintenance, SLURM) -> save at the current step and exit 0. The previous
-  handler is put back when the run ends (tests and notebooks call run() in-process). With
-  several processes the flag is agreed (watchdog.StopVote): all stop after the same step."""
+  """SIGTERM (TPU VM maintenance, SLURM) or SIGINT (Ctrl-C) -> save at the current step and
+  exit (0 after SIGTERM, 130 after SIGINT: the shell's code for Ctrl-C, so `train && export`
+  stops there). A second SIGINT exits at once without saving (the lock is released first; an
+  unfinished save is discarded at the next start). The previous handlers are put back when the
+  run ends (tests and notebooks call run() in-process). With several processes the flag is
+  agreed (watchdog.StopVote): all stop after the same step."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.flag = False
-    self._prev = None
-    try:
-      self._prev = signal.signal(signal.SIGTERM, self._on)
-    except ValueError:  # not the main thread: the caller handles signals
-      pass
+    self.name = "SIGTERM"             # the first signal received
+    self.on_abort = None              # releases the run directory's lock (set by _run)
+    self._exit = os._exit             # tests replace it
+    self._prev = {}
+    for sig in self.SIGNALS:
+      try:
+        self._prev[sig] = signal.signal(sig, self._on)
+      except ValueError:  # not the main thread: the caller handles signals
+        pass
 
-  def _on(self, *_):
-    self.flag = True
+  def _on(self, signum, _frame):
+    name = signal.Signals(signum).name
+    if self.flag and signum == signal.SIGINT:
+      os.write(2, b"\nSIGINT again: exiting at once without saving (checkpoints on disk are "
+                  b"intact; rerun the same command to resume from the latest)\n")
+      if self.on_abort is not None:
+        self.on_abort()
+      self._exit(130)
+      return
+    if not self.flag:
+      self.flag, self.name = True, name
+      if signum == signal.SIGINT:   # os.write: print() is not safe inside a signal handler
+        os.write(2, b"\nSIGINT: saving at the end of this step, then exiting; press Ctrl-C "
+                    b"again to exit at once without saving\n")
 
   def restore(self) -> None:
-    if self._prev is not None:
-      signal.signal(signal.SIGTERM, self._prev)
+    for sig, prev in self._prev.items():
+      signal.signal(sig, prev)
 
 
 def _fault(point: str, step: int, saver=None) -> None:
@@ -109,10 +131,28 @@ def run(cfg, workdir: str, *, devices=None, preempted: _Preempted | None = None)
 
 def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
   pid, nproc = jax.process_index(), jax.process_count()
+  existed = os.path.isdir(workdir)
   preflight(workdir)
+  # One owner per run directory (d2v_jax/rundir.py): on a pod the job holds it (process 0).
+  wd = watchdog.current()
+  lock = rundir.take(workdir, pid, nproc, client=wd.client if wd else None,
+                     remove_dir=not existed)
+  preempted.on_abort = lock.release if lock else None
+  try:
+    return _run_locked(cfg, workdir, devices, preempted, lock)
+  finally:
+    preempted.on_abort = None
+    if lock is not None:
+      lock.release()
+
+
+def _run_locked(cfg, workdir: str, devices, preempted: _Preempted, lock) -> dict:
+  pid, nproc = jax.process_index(), jax.process_count()
   mod = load_modality(cfg.modality)
   # Every range check before anything is prepared or written into the run directory.
   validate.validate(cfg)
+  rundir.check_paths(workdir, cfg, writer=pid == 0)
+  resume.precheck(cfg, workdir)   # a resume that would change the run: refused before any work
   guards = metrics_lib.Guards(cfg.guards)
   # The mesh and batch checks come before data preparation (tokenizer training, caching,
   # audio indexing can take minutes; a mesh that does not fit should fail at once).
@@ -122,33 +162,28 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
   built = build_lib.build(cfg, mesh=mesh)
 
   saver = checkpoint.Saver(workdir, keep=cfg.keep_checkpoints)
-  finished = False
+  finished, changes = False, None
   try:
-    latest = saver.latest_step()
-    if latest is not None:
-      if pid == 0:   # a large state takes a while to read: say what is happening
-        print(f"restoring checkpoint step {latest} of {workdir} ...", flush=True)
-      t_restore = time.time()
-      try:
-        state, meta = saver.restore(built.abstract_state, built.state_shardings)
-      except checkpoint.CheckpointError:
-        raise
-      except Exception as e:
-        raise config_lib.ConfigError(
-            f"cannot restore checkpoint step {latest} of {workdir} with this config "
-            f"({checkpoint.first_line(e)}); resume with the run's own config "
-            f"({os.path.join(workdir, 'config.json')}) or choose another --workdir") from None
+    t_restore = time.time()
+    got = resume.restore(cfg, workdir, saver, built)   # the newest intact step, this config's
+    if got is not None:
+      state, meta, changes = got.state, got.meta, got.changes
       step, data_pos = int(meta["step"]), int(meta["data_position"])
       if pid == 0:
+        fallback = (f" (the newest intact checkpoint; damaged: {[s for s, _ in got.moved]})"
+                    if got.moved else "")
         print(f"resumed from {workdir} at step {step} (data position {data_pos}) "
-              f"in {time.time() - t_restore:.1f} s", flush=True)
+              f"in {time.time() - t_restore:.1f} s{fallback}", flush=True)
+        if drift.describe(changes):
+          print(drift.describe(changes), flush=True)
     else:  # a new run: fresh weights, or init.hf / init.checkpoint (d2v_jax/init_weights.py)
       state, step, data_pos = init_weights.initial_params(cfg, built, built.init(cfg.seed)), 0, 0
     if pid == 0:
       sizes, repl = sharding.report(built.state_shardings, built.abstract_state)
       print(sharding.report_line(built.mesh, sizes, repl), flush=True)
       print(_attention_line(built.model.spec, mod), flush=True)
-    out = _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos)
+    out = _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos,
+                lock, changes)
     finished = True
   finally:
     if finished:
@@ -167,9 +202,12 @@ def _attention_line(spec, mod) -> str:
   return attention.describe_attention(spec, bias=getattr(mod.model, "ATTENTION_BIAS", None))
 
 
-def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos) -> dict:
+def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_pos,
+          lock=None, changes=None) -> dict:
   """The training loop. `step` counts updates (state.step); `data_pos` counts batches read
-  (they differ after a rollback, which skips the bad batches)."""
+  (they differ after a rollback, which skips the bad batches). `lock`: the run directory's
+  (process 0), checked every step; `changes`: the resume's config changes (drift.check)."""
+  start_step = step
   pid, nproc = jax.process_index(), jax.process_count()
   # Several processes: a SIGTERM that reached any of them is agreed through one tiny all-reduce
   # per step, read with that step's metrics (one step late), so all stop after the same step.
@@ -194,7 +232,10 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
     if pid == 0 and not resolved_written:
       # Written once a step of this launch has run: a launch rejected at start-up (config
       # that does not fit the checkpoint, unreadable data) leaves the run directory as it was.
-      config_lib.write_resolved(cfg, workdir)
+      # An existing config.json is only rewritten with its old values recorded (drift.py).
+      note = drift.write_config(cfg, workdir, start_step, changes)
+      if note:
+        print(note, flush=True)
       resolved_written.append(True)
     verdict = guards.check(s, m)
     window.add(m)
@@ -210,6 +251,8 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
   last, pending, stop_msg, rollbacks, resolved_written = {}, None, None, 0, []
   try:
     while step < cfg.total_steps or pending is not None:
+      if lock is not None:
+        lock.check()   # another trainer took the run directory over: write nothing more
       if votes is None:
         stopping = preempted.flag
       dispatched = step < cfg.total_steps and not stopping
@@ -270,11 +313,12 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
       if dispatched:
         _fault("after_step", step, saver)
       if stopping and pending is None:
+        sig = preempted.name
         if nproc > 1:   # every process says so: the tests check they agree
-          print(f"SIGTERM: saving step {step} and exiting (process {pid} of {nproc}; every "
+          print(f"{sig}: saving step {step} and exiting (process {pid} of {nproc}; every "
                 "process stops after this step)", flush=True)
         elif pid == 0:
-          print(f"SIGTERM: saving step {step} and exiting", flush=True)
+          print(f"{sig}: saving step {step} and exiting", flush=True)
         saver.save(step, state, meta(), force=True)
         break
   finally:
@@ -306,7 +350,12 @@ def main(argv=None) -> None:
     config_lib.die(str(e))
   except checkpoint.CheckpointError as e:
     watchdog.fail(f"error: {e}", e)
-    config_lib.die(str(e), code=1)
+    # A failed save leaves orbax threads waiting on commit signals that never come (up to its
+    # 5-minute barrier timeout), and the interpreter's exit would wait for them: the error is
+    # the run's result, so leave now (the lock and the metrics files are already closed).
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
   except SystemExit as e:   # guards: every process reaches the same verdict
     if e.code not in (None, 0):
       watchdog.fail(str(e.code) if isinstance(e.code, str) else "error: stopped", code=1)
@@ -319,6 +368,10 @@ def main(argv=None) -> None:
   finally:
     preempted.restore()
   watchdog.finish()
+  if preempted.flag and preempted.name == "SIGINT":
+    print(f"stopped by SIGINT after {time.time() - t0:.0f} s (saved); rerun the same command to "
+          f"continue: {os.path.abspath(fv.workdir)}", flush=True)
+    raise SystemExit(130)
   print(f"done in {time.time() - t0:.0f} s; run directory: {os.path.abspath(fv.workdir)}", flush=True)
 
 

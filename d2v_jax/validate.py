@@ -14,6 +14,8 @@ A failed check raises config.ConfigError with one line: the key, its value and w
 
 from __future__ import annotations
 
+import math
+
 from d2v_jax import config as config_lib, init_weights, metrics, objectives, optim
 from d2v_jax.config import ConfigError
 from d2v_jax.modality import load as load_modality
@@ -26,10 +28,71 @@ def validate(cfg) -> None:
   mod = load_modality(cfg.modality)
   config_lib.fill_defaults(cfg, getattr(mod.data, "LATE_DEFAULTS", {}))
   init_weights.resolve_config(cfg)
-  for ok, msg in _common(cfg) + _v2(cfg) + _guards(cfg.guards) + _eval(cfg):
+  for ok, msg in _finite(cfg) + _values(cfg) + _common(cfg) + _v2(cfg) + _guards(cfg.guards) + _eval(cfg):
     if not ok:
       raise ConfigError(msg)
   mod.data.validate(cfg)
+
+
+def _finite(cfg) -> list[tuple[bool, str]]:
+  """Every number of the config is finite (nan / inf parse as floats and would train on)."""
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        yield from walk(v, f"{prefix}{k}.")
+      elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+          if isinstance(x, float):
+            yield f"{prefix}{k}[{i}]", x
+      elif isinstance(v, float):
+        yield f"{prefix}{k}", v
+  return [(math.isfinite(v), f"{key}={v} must be a finite number")
+          for key, v in walk(cfg.to_dict(), "")]
+
+
+def _rate_keys(node, prefix=""):
+  """Dotted keys of every probability-like value (a dropout rate, a *_prob): in [0, 1]."""
+  for k, v in node.items():
+    if hasattr(v, "items"):
+      yield from _rate_keys(v, f"{prefix}{k}.")
+    elif isinstance(v, (int, float)) and not isinstance(v, bool) and (
+        k.endswith("_prob") or "dropout" in k or k in ("drop_path", "layerdrop")):
+      yield f"{prefix}{k}", v
+
+
+def _values(cfg) -> list[tuple[bool, str]]:
+  """Ranges of the numeric settings every modality has (optimizer, schedule, model, loss)."""
+  o, enc = cfg.optim, cfg.model.encoder
+  checks = [(0.0 <= v <= 1.0, f"{key}={v} must be in [0, 1]") for key, v in _rate_keys(cfg)]
+  checks += [
+      (0.0 < o.lr <= 1.0, f"optim.lr={o.lr} must be in (0, 1]"),
+      (0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0,
+       f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1)"),
+      (o.eps > 0, f"optim.eps={o.eps} must be > 0"),
+      (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
+      (o.clip >= 0, f"optim.clip={o.clip} must be >= 0 (0 = off)"),
+      (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),
+      (0.0 <= o.init_lr_scale <= 1.0 and 0.0 <= o.final_lr_scale <= 1.0,
+       f"optim.init_lr_scale={o.init_lr_scale} and final_lr_scale={o.final_lr_scale} must be "
+       "in [0, 1]"),
+      (o.schedule in ("cosine", "tri_stage", "constant"),
+       f"optim.schedule={o.schedule!r} must be cosine, tri_stage or constant"),
+      (len(o.stage_ratios) == 3 and min(o.stage_ratios) >= 0 and sum(o.stage_ratios) <= 1 + 1e-6,
+       f"optim.stage_ratios={tuple(o.stage_ratios)} must be 3 fractions >= 0 with sum <= 1"),
+      (cfg.teacher.anneal_steps >= 0,
+       f"teacher.anneal_steps={cfg.teacher.anneal_steps} must be >= 0"),
+      (min(enc.num_layers, enc.hidden, enc.heads, enc.mlp_dim) >= 1,
+       f"model.encoder num_layers={enc.num_layers}, hidden={enc.hidden}, heads={enc.heads}, "
+       f"mlp_dim={enc.mlp_dim} must all be >= 1"),
+      (enc.layer_norm_eps > 0, f"model.encoder.layer_norm_eps={enc.layer_norm_eps} must be > 0"),
+      (cfg.loss.beta >= 0, f"loss.beta={cfg.loss.beta} must be >= 0 (0 = squared error)"),
+      (cfg.loss.scale is None or cfg.loss.scale > 0,
+       f"loss.scale={cfg.loss.scale} must be > 0 (or unset: 1/sqrt(dim))"),
+      (cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1"),
+      (cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1"),
+      (cfg.seed >= 0, f"seed={cfg.seed} must be >= 0"),
+  ]
+  return checks
 
 
 def _common(cfg) -> list[tuple[bool, str]]:

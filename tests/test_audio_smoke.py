@@ -21,6 +21,7 @@ def _cfg(steps: int):
   cfg.total_steps = steps
   cfg.checkpoint_every = 20
   cfg.log_every = 5
+  cfg.resume_allow_changes = "total_steps"   # the rerun test trains the run longer
   return cfg
 
 

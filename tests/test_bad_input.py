@@ -58,19 +58,26 @@ def _empty(path):
     ({"guards.nonfinite_policy": "retry"},
      "guards.nonfinite_policy='retry' must be one of ('stop', 'rollback')"),
     ({"model.encoder.hidden": 32, "model.encoder.mlp_dim": 64},
-     "with this config (")])
+     "would change how the run trains: model.encoder.hidden 64 -> 32, model.encoder.mlp_dim "
+     "256 -> 64; rerun with the run's settings"),
+    ({"model.encoder.hidden": 32, "model.encoder.mlp_dim": 64,
+      "resume_allow_changes": "total_steps,data,model"},
+     "does not fit this config: ")])
 def test_bad_config_or_data_on_an_existing_run(setup, run_dir, tmp_path, override, message):
   if override.get("data.path") == "EMPTY":
     override = {"data.path": _empty(str(tmp_path / "empty.txt"))}
     message = f"text file {override['data.path']} " + message
+  # The relaunch trains longer and on other data: allowed, so the data's own error shows.
+  override = {"resume_allow_changes": "total_steps,data", **override}
   cfg = parse(text_args(setup, total_steps=4, **override))
   with Unchanged(run_dir):
     with pytest.raises(config_lib.ConfigError) as e:
       train.run(cfg, run_dir)
   msg = str(e.value)
   assert message in msg and "\n" not in msg, msg
-  if "hidden" in override:  # a different model: the checkpoint does not fit, config.json kept
-    assert msg.startswith(f"cannot restore checkpoint step 2 of {run_dir} with this config (")
+  if "model" in override["resume_allow_changes"]:  # allowed, but the checkpoint cannot fit
+    assert msg.startswith(f"checkpoint step 2 of {run_dir} does not fit this config: ")
+    assert "[64] in the checkpoint, [32] in this config" in msg, msg
     assert msg.endswith(f"resume with the run's own config ({run_dir}/config.json) or choose "
                         "another --workdir")
 

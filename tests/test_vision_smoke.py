@@ -42,6 +42,7 @@ def _cfg(photos, steps):
       cfg[node][path[0]] = value
     else:
       cfg[node] = value
+  cfg.resume_allow_changes = "total_steps"   # the rerun test trains the run longer
   return cfg
 
 
