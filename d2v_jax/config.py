@@ -30,13 +30,26 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   """`configs/text.py:variant=tiny` -> ConfigDict (no overrides)."""
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
-    raise ConfigError(f"config file {path!r} does not exist")
+    raise ConfigError(f"config file {path!r} does not exist; e.g. --config "
+                      "configs/text.py:variant=tiny,runlocal")
+  if not os.path.isfile(path) or not path.endswith(".py"):
+    raise ConfigError(f"config file {path!r} is not a Python file (configs/<modality>.py)")
   module_spec = importlib.util.spec_from_file_location("_d2v_config", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:   # a file that is not a config: its own error, one line
+    raise ConfigError(f"config file {path!r} does not load ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config file {path!r} has no get_config(arg) function")
   try:
     return module.get_config(arg or None)
-  except (ValueError, KeyError) as e:
+  except KeyError as e:   # a variant the file's size table lacks
+    valid = sorted(getattr(module, "SIZES", {}))
+    raise ConfigError(f"config {spec!r}: unknown variant {e.args[0]!r}"
+                      + (f"; valid: {valid}" if valid else "")) from None
+  except ValueError as e:
     raise ConfigError(f"config {spec!r}: {e}") from None
 
 
@@ -61,10 +74,15 @@ def parse_argv(argv: list[str], fv: flags.FlagValues | None = None) -> flags.Fla
   if "config" not in fv:
     config_flags.DEFINE_config_file("config", None, "config file[:args]", flag_values=fv,
                                    sys_argv=argv)  # overrides come from argv, not sys.argv
+  spec = _spec(argv)
+  if spec is not None:
+    load_file(spec)   # its one-line errors (missing, not Python, bad variant) before absl's
   try:
     fv(argv)
   except flags.Error as e:
     raise ConfigError(str(e).splitlines()[0]) from None
+  except OSError as e:   # config_flags' wrapper of a failed load: the first line says it
+    raise ConfigError(f"--config: {str(e).splitlines()[0]}") from None
   except (AttributeError, KeyError) as e:
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None and "--config" in argv:
@@ -75,6 +93,16 @@ def parse_argv(argv: list[str], fv: flags.FlagValues | None = None) -> flags.Fla
     raise ConfigError("--config is required, e.g. --config configs/text.py:variant=tiny,runlocal")
   mark_explicit(fv.config, override_keys(argv))
   return fv
+
+
+def _spec(argv: list[str]) -> str | None:
+  """The --config value of argv (--config=SPEC or --config SPEC), or None."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def override_keys(argv: list[str]) -> list[str]:

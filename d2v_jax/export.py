@@ -15,7 +15,6 @@ training) exports the imported weights unchanged.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from d2v_jax import console  # noqa: F401,E402  (first: quiet console)
 
 import jax  # noqa: E402
 
-from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed, ema, rundir  # noqa: E402
+from d2v_jax import build as build_lib, checkpoint, cli, config as config_lib, distributed, ema, rundir  # noqa: E402
 from d2v_jax.hf import common as hf_common  # noqa: E402
 
 MARKER = "d2v_export.json"
@@ -86,6 +85,8 @@ def export(workdir: str, out: str, weights: str = "student", step: int | None = 
   if not writer:
     return out
   hf_map = built.modality.hf()   # a modality without an HF map: one error, nothing written
+  if hasattr(hf_map, "for_config"):   # a model its usual class cannot hold: remote code
+    hf_map = hf_map.for_config(cfg)
   os.makedirs(out, exist_ok=True)
   hf_common.export(hf_map, params, cfg, out, workdir)
   hf_common.write_json({"workdir": os.path.abspath(workdir), "step": step, "weights": weights,
@@ -94,7 +95,7 @@ def export(workdir: str, out: str, weights: str = "student", step: int | None = 
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(prog="python -m d2v_jax.export", description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="run directory written by d2v_jax.train")
   p.add_argument("--out", required=True, help="HF directory to write")
   p.add_argument("--weights", default="student", choices=("student", "teacher"),

@@ -1,7 +1,16 @@
-"""A Hugging Face directory -> a run directory, without a training step.
+"""A Hugging Face directory or a fairseq checkpoint -> a run directory, without a training step.
 
   python -m d2v_jax.init --hf HF_DIR --workdir RUN_DIR [--config configs/text.py:variant=base]
       [--config.KEY=VALUE ...]
+  python -m d2v_jax.init --fairseq CKPT.pt --workdir RUN_DIR [--vocab FAIRSEQ_VOCAB_DIR]
+      [--config ...] [--config.KEY=VALUE ...]
+
+--fairseq: a data2vec checkpoint of fairseq (1.0 text / audio, the 1.0 vision port, 2.0
+text / audio / image): student, EMA teacher and head / decoder, with the architecture and
+objective of its cfg (d2v_jax/fairseq_io). --config defaults to configs/<modality>.py with
+variant=base (plus v2 for a 2.0 model). Text needs its vocabulary: --vocab DIR (fairseq's
+dict.txt, encoder.json, vocab.bpe) writes an HF tokenizer to RUN_DIR/tokenizer, or pass
+--config.data.tokenizer.
 
 writes RUN_DIR/config.json and a checkpoint at step 0 holding the imported weights (the
 regression head freshly initialised): then d2v_jax.export, or continued pretraining with the
@@ -11,7 +20,6 @@ picked by config.json's model_type (hf/<modality>.py FAMILIES).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,7 +28,9 @@ from d2v_jax import console  # noqa: F401  (before jax / TF: quiet console)
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from d2v_jax import build as build_lib, checkpoint, config as config_lib, modality, validate  # noqa: E402
+from d2v_jax import build as build_lib, checkpoint, cli, config as config_lib, modality, validate  # noqa: E402
+from d2v_jax.data import fairseq_vocab  # noqa: E402
+from d2v_jax.fairseq_io import load as fairseq_load  # noqa: E402
 from d2v_jax.init_weights import init_keys, initial_params, read_hf_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def write_run(cfg, workdir: str) -> int:
   """init.hf (or init.checkpoint) of cfg -> WORKDIR/config.json + a checkpoint at step 0.
   Refuses a run directory that already holds a checkpoint. Returns the step written (0)."""
-  if not any(init_keys(cfg)):
-    raise config_lib.ConfigError("nothing to import: set --hf DIR (init.hf) or init.checkpoint")
+  if not any(init_keys(cfg)) and not cfg.init.fairseq:
+    raise config_lib.ConfigError("nothing to import: set --hf DIR (init.hf), --fairseq CKPT "
+                                 "(init.fairseq) or init.checkpoint")
   try:
     step, _ = checkpoint.read_meta(workdir)
   except checkpoint.NoCheckpoint:
@@ -38,7 +49,7 @@ def write_run(cfg, workdir: str) -> int:
   if step is not None:
     raise config_lib.ConfigError(f"{workdir} already holds a checkpoint (step {step}); choose "
                                  "another --workdir")
-  validate.validate(cfg)        # resolves the architecture from init.hf
+  validate.validate(cfg)        # resolves the architecture from init.hf / init.fairseq
   modality.load(cfg.modality).data.resolve_offline(cfg, workdir)
   built = build_lib.build(cfg)
   state = initial_params(cfg, built, built.init(cfg.seed))
@@ -70,11 +81,22 @@ def _default_config(hf_path: str) -> str:
   return os.path.join(ROOT, "configs", f"{found[0]}.py")
 
 
+def _fairseq_config(path: str) -> str:
+  layout = fairseq_load.read(path)[2]
+  return os.path.join(ROOT, "configs", f"{layout.modality}.py") + (
+      ":variant=base,v2" if layout.objective == "v2" else ":variant=base")
+
+
 def main(argv=None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
-  p = argparse.ArgumentParser(prog="python -m d2v_jax.init",
-                              description="Hugging Face directory -> run directory (step 0)")
-  p.add_argument("--hf", required=True, help="HF model directory (config.json + weights)")
+  p = cli.ArgumentParser(prog="python -m d2v_jax.init",
+                              description="Hugging Face directory or fairseq checkpoint -> run "
+                                          "directory (step 0)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--hf", help="HF model directory (config.json + weights)")
+  src.add_argument("--fairseq", help="fairseq data2vec checkpoint (.pt)")
+  p.add_argument("--vocab", default=None,
+                 help="text + --fairseq: folder with fairseq's dict.txt, encoder.json, vocab.bpe")
   p.add_argument("--workdir", required=True, help="run directory to write")
   p.add_argument("--config", default=None,
                  help="config file[:args] (default: configs/<modality>.py of the weights)")
@@ -82,16 +104,26 @@ def main(argv=None) -> None:
   bad = [r for r in rest if not r.startswith("--config.")]
   if bad:
     p.error(f"unknown arguments {bad}")
+  if a.vocab and not a.fairseq:
+    p.error("--vocab goes with --fairseq (an HF directory carries its own tokenizer)")
   try:
-    spec = a.config or _default_config(a.hf)
-    fv = config_lib.parse_argv([p.prog, "--config", spec, f"--config.init.hf={a.hf}", *rest],
-                               flags.FlagValues())
+    if a.fairseq:
+      spec = a.config or _fairseq_config(a.fairseq)
+      extra = [f"--config.init.fairseq={a.fairseq}"]
+      if a.vocab:
+        tok_dir = os.path.join(a.workdir, "tokenizer")
+        fairseq_vocab.build_from_dir(a.vocab, tok_dir)
+        extra.append(f"--config.data.tokenizer={os.path.abspath(tok_dir)}")
+    else:
+      spec = a.config or _default_config(a.hf)
+      extra = [f"--config.init.hf={a.hf}"]
+    fv = config_lib.parse_argv([p.prog, "--config", spec, *extra, *rest], flags.FlagValues())
     cfg = fv.config
     write_run(cfg, a.workdir)
   except config_lib.ConfigError as e:
     config_lib.die(str(e))
   if jax.process_index() == 0:
-    print(f"wrote {os.path.abspath(a.workdir)}: checkpoint step 0 = {a.hf} "
+    print(f"wrote {os.path.abspath(a.workdir)}: checkpoint step 0 = {a.hf or a.fairseq} "
           f"({cfg.model.encoder.num_layers} layers x {cfg.model.encoder.hidden}), no training "
           f"step; export: python -m d2v_jax.export --workdir {a.workdir} --out OUT", flush=True)
 

@@ -4,6 +4,9 @@
                                  FAMILIES: text data2vec-text or roberta; vision data2vec-vision
                                  or beit; audio data2vec-audio)
   --config.init.checkpoint=DIR   run directory written by d2v_jax.train (latest checkpoint)
+  --config.init.fairseq=CKPT.pt  fairseq data2vec checkpoint (1.0 text / audio / vision port,
+                                 2.0 text / audio / image): student, EMA teacher, head / decoder,
+                                 and the architecture (d2v_jax/fairseq_io/load.py)
 
 init.hf also fixes the architecture: `resolve_config(cfg)` (run by d2v_jax.validate.validate,
 so before anything is built, on every launch) copies the directory's config.json fields of the
@@ -41,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from d2v_jax import checkpoint, config as config_lib, ema
+from d2v_jax.fairseq_io import load as fairseq_load
 from d2v_jax.hf import common as hf_common
 from d2v_jax.modality import load as load_modality
 
@@ -77,7 +81,9 @@ def _typed(value, like):
 def resolve_config(cfg) -> None:
   """Takes the architecture from init.hf's config.json (see module doc); a no-op without
   init.hf, for a config already resolved, or for a saved run config (config.mark_resolved).
-  Raises ConfigError when a command-line key contradicts config.json."""
+  Raises ConfigError when a command-line key contradicts config.json. init.fairseq resolves
+  the same way from the checkpoint (fairseq_io/load.py)."""
+  fairseq_load.resolve_config(cfg)
   hf_path, _ = init_keys(cfg)
   if not hf_path or getattr(cfg, "_d2v_hf_resolved", None) == hf_path:
     return
@@ -119,6 +125,8 @@ def initial_params(cfg, built, state):
   hf_path, run_dir = init_keys(cfg)
   if hf_path and run_dir:
     raise config_lib.ConfigError("init.hf and init.checkpoint are both set; choose one")
+  if cfg.init.fairseq:
+    return _from_fairseq(cfg, built, state)
   if not hf_path and not run_dir:
     return state
   if hf_path:
@@ -134,6 +142,23 @@ def initial_params(cfg, built, state):
   return state
 
 
+def _from_fairseq(cfg, built, state):
+  """init.fairseq: student (head / decoder included) and, when the file has one, its EMA
+  teacher; fresh optimizer, step 0."""
+  path = str(cfg.init.fairseq)
+  params, teacher = fairseq_load.load(cfg, hf_common.our_shapes(cfg))
+  where = f"init.fairseq={path}"
+  params = overlay(state.params, params, built.state_shardings.params, where)
+  if teacher is not None:
+    check_tree(state.teacher, teacher, f"{where} (teacher)", prefix="teacher/")
+  state = fresh_state(params, state, built, cfg, teacher=teacher)
+  if jax.process_index() == 0:
+    print(f"initialised from fairseq checkpoint {path} (student, "
+          f"{'EMA teacher' if teacher is not None else 'teacher = student'}), fresh optimizer, "
+          "step 0", flush=True)
+  return state
+
+
 # ----------------------------------------------------------------------------- init.hf
 
 
@@ -141,8 +166,16 @@ def read_hf_config(path: str) -> dict | None:
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     return None
-  with open(cfg_path) as f:
-    return json.load(f)
+  try:
+    with open(cfg_path) as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:   # e.g. a file that is not JSON (a truncated download)
+    raise config_lib.ConfigError(f"{cfg_path} does not read as JSON ({str(e).splitlines()[0]}); "
+                                 "it must be the model's Hugging Face config.json") from None
+  if not isinstance(out, dict):
+    raise config_lib.ConfigError(f"{cfg_path} holds no JSON object; it must be the model's "
+                                 "Hugging Face config.json")
+  return out
 
 
 def check_family(path: str, modality: str, hf_map) -> dict | None:
@@ -233,8 +266,9 @@ def overlay(params: dict, loaded: dict, shardings: dict, where: str) -> dict:
   return out
 
 
-def fresh_state(params: dict, state, built, cfg):
-  """TrainState at step 0: these params, teacher = their EMA subtrees, fresh optimizer state.
+def fresh_state(params: dict, state, built, cfg, teacher: dict | None = None):
+  """TrainState at step 0: these params, teacher = their EMA subtrees (or `teacher`, host
+  arrays), fresh optimizer state.
 
   One jitted copy gives the teacher its own buffers (the step donates the state, so student
   and teacher must never share one)."""
@@ -245,7 +279,9 @@ def fresh_state(params: dict, state, built, cfg):
     teacher = ema.teacher_view(p, subtrees)
     return p, jax.tree_util.tree_map(lambda x: x, teacher), built.tx.init(p)
 
-  params, teacher, opt_state = jax.jit(make, out_shardings=(sh.params, sh.teacher, sh.opt_state))(params)
+  params, own, opt_state = jax.jit(make, out_shardings=(sh.params, sh.teacher, sh.opt_state))(params)
+  teacher = own if teacher is None else jax.tree_util.tree_map(
+      lambda x, s, ref: _place(np.asarray(x, dtype=ref.dtype), s), teacher, sh.teacher, own)
   zero = jax.device_put(np.zeros((), np.int32), sh.step)
   return state.replace(step=zero, params=params, teacher=teacher, opt_state=opt_state)
 

@@ -42,16 +42,16 @@ def flag_values() -> flags.FlagValues:
 
 def preflight(workdir: str) -> None:
   """The run directory must take a write, a rename and a delete (what checkpointing does)."""
-  probe = os.path.join(workdir, f".preflight.{os.getpid()}")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.replace(probe, probe + ".renamed")
-    os.remove(probe + ".renamed")
-  except OSError as e:
-    raise SystemExit(f"error: run directory {workdir!r} is not writable ({e}); "
-                     "fix permissions or choose another --workdir")
+  why = rundir.problem(workdir, "dir")
+  if not why:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      why = e.strerror
+    why = why or rundir.problem(workdir, "dir")
+  if why:
+    raise rundir.RunDirError(f"run directory {workdir!r} is not writable ({why}); fix "
+                             "permissions or choose another --workdir")
 
 
 class _Preempted:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2v_jax import build as build_lib, config as config_lib, ema as ema_lib, objectives, step as step_lib
+from d2v_jax import build as build_lib, config as config_lib, objectives, step as step_lib
 from d2v_jax.fairseq_io import arch, convert, layouts
 from d2v_jax.hf import common as hf_common
 
@@ -139,15 +139,3 @@ def ema_error(fs_ema: dict, ours: dict) -> tuple[float, int]:
   """Max abs difference over the EMA entries both hold, and how many that is."""
   common = [k for k in ours if k in fs_ema]
   return max(float(np.abs(np.asarray(fs_ema[k]) - ours[k]).max()) for k in common), len(common)
-
-
-def teacher_tree_leaves(state) -> int:
-  return len(jax.tree_util.tree_leaves(state.teacher))
-
-
-def select_names(state: dict, layout) -> list[str]:
-  return [n for n in state if n != layout.ema_key]
-
-
-__all__ = ["Side", "torch_state", "our_config", "build_ours", "our_side", "torch_grads", "compare",
-           "one_step", "teacher_after", "load_student", "ema_error", "ema_lib"]

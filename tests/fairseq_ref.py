@@ -132,6 +132,7 @@ def _timm_shim(torch):
   for name in ("timm", "timm.models", "timm.models.layers", "timm.models.vision_transformer"):
     mods[name] = types.ModuleType(name)
     mods[name].__path__ = []
+    mods[name].__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
   vt = mods["timm.models.vision_transformer"]
   vt.Mlp, vt.DropPath, vt.PatchEmbed, vt.Block, vt.Attention = Mlp, DropPath, PatchEmbed, Unused, Unused
   mods["timm.models.layers"].to_2tuple = to_2tuple
@@ -168,6 +169,9 @@ def load() -> types.SimpleNamespace:
                        "(.ci/ref/fairseq.sh fetches the fairseq-fixed sdist)")
   import numpy as np
   import torch
+  # transformers records at its first import which optional packages exist: before the
+  # stand-ins below, so it never takes them for real torchvision / timm.
+  import transformers  # noqa: F401
   if not hasattr(np, "float"):
     np.float = float   # numpy 2 removed it; fairseq's MAE sin-cos table uses it
   sys.path.insert(0, src)

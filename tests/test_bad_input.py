@@ -105,10 +105,10 @@ def test_run_directory_that_is_not_writable(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with Unchanged(str(tmp_path)):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(config_lib.ConfigError) as e:
       train.preflight(str(blocker / "run"))
-  assert str(e.value).startswith(f"error: run directory {str(blocker / 'run')!r} is not writable (")
-  assert str(e.value).endswith("fix permissions or choose another --workdir")
+  assert str(e.value) == (f"run directory {str(blocker / 'run')!r} is not writable ({blocker} is "
+                          "a file, not a directory); fix permissions or choose another --workdir")
 
 
 def test_export_without_a_checkpoint(tmp_path, capsys):

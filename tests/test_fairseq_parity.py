@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import fairseq_models as M
 import fairseq_parity as P
 import fairseq_ref
 
@@ -25,14 +26,6 @@ def fs():
     return fairseq_ref.load()
   except RuntimeError as e:
     pytest.skip(str(e))
-
-
-def _dictionary(fs, n: int):
-  d = fs.Dictionary()
-  for i in range(n):
-    d.add_symbol(f"w{i}")
-  d.add_symbol("<mask>")
-  return d
 
 
 def _check(name: str, ours, ref, ema_err, n_ema):
@@ -50,50 +43,10 @@ def _check(name: str, ours, ref, ema_err, n_ema):
 # ------------------------------------------------------------------------------ v2 text
 
 
-def _v2_text_model(fs, vocab):
-  torch, d2, mods = fs.torch, fs.data2vec2, fs.modalities
-  dec = mods.modules.D2vDecoderConfig(decoder_dim=32, decoder_groups=1, decoder_kernel=5,
-                                      decoder_layers=2, input_dropout=0.0, decoder_residual=False,
-                                      projection_layers=2, projection_ratio=2.0)
-  tcfg = mods.text.D2vTextConfig(mask_prob=0.5, mask_length=1, mask_noise_std=0.0, prenet_depth=0,
-                                 dropout=0.0, decoder=dec, max_source_positions=30,
-                                 num_alibi_heads=2, model_depth=2)
-  cfg = d2.Data2VecMultiConfig(
-      loss_beta=0, loss_scale=1, depth=2, embed_dim=32, num_heads=2, clone_batch=2,
-      ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10, ema_encoder_only=True,
-      average_top_k_layers=2, instance_norm_target_layer=True, layerdrop=0, norm_eps=1e-5,
-      encoder_dropout=0, post_mlp_drop=0, attention_dropout=0, activation_dropout=0,
-      supported_modality=fs.Modality.TEXT, max_update=10, seed=1)
-  cfg.modalities.text = tcfg
-
-  class Task:
-    source_dictionary = vocab
-  torch.manual_seed(0)
-  model = d2.Data2VecMultiModel.build_model(cfg, task=Task)
-  with torch.no_grad():   # a teacher that differs from the student
-    for v in model.ema.fp32_params.values():
-      v.add_(0.02 * torch.randn_like(v))
-    model.ema.restore(model.ema.fp32_params)
-  return model, {**_plainify(cfg), "_name": "data2vec_multi"}
-
-
-def _plainify(x):
-  """fairseq dataclass configs -> the nested plain dicts a checkpoint's cfg becomes."""
-  import dataclasses
-  import enum
-  if dataclasses.is_dataclass(x):
-    return {f.name: _plainify(getattr(x, f.name)) for f in dataclasses.fields(x)}
-  if isinstance(x, dict):
-    return {k: _plainify(v) for k, v in x.items()}
-  if isinstance(x, enum.Enum):
-    return x.name
-  return x
-
-
 def test_v2_text_step_matches_fairseq(fs):
   torch = fs.torch
-  vocab = _dictionary(fs, 40)
-  model, model_cfg = _v2_text_model(fs, vocab)
+  vocab = M.dictionary(fs, 40)
+  model, model_cfg = M.v2_text_model(fs, vocab)
   state = P.torch_state(model)
   cfg, layout = P.our_config(
       "configs/text.py:variant=tiny,v2", model_cfg, state,
@@ -129,39 +82,10 @@ def test_v2_text_step_matches_fairseq(fs):
 
 # ------------------------------------------------------------------------------ v2 audio
 
-FS_CONV = "[(16, 10, 5)] + [(16, 3, 2)] * 2"   # 20x down-sampling: 1,600 samples -> 79 frames
-
-
-def _v2_audio_model(fs):
-  torch, d2, mods = fs.torch, fs.data2vec2, fs.modalities
-  dec = mods.modules.D2vDecoderConfig(decoder_dim=16, decoder_groups=4, decoder_kernel=3,
-                                      decoder_layers=2, input_dropout=0.0, decoder_residual=True,
-                                      projection_layers=1)
-  acfg = mods.audio.D2vAudioConfig(
-      feature_encoder_spec=FS_CONV, conv_pos_width=12, conv_pos_depth=2, conv_pos_groups=4,
-      prenet_depth=0, prenet_dropout=0.0, mask_prob=0.5, mask_length=3, mask_noise_std=0.0,
-      use_alibi_encoder=True, learned_alibi_scale=True, learned_alibi_scale_per_head=True,
-      decoder=dec, num_alibi_heads=2, model_depth=2)
-  cfg = d2.Data2VecMultiConfig(
-      loss_beta=0, loss_scale=None, depth=2, embed_dim=32, num_heads=2, clone_batch=2,
-      ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10, ema_encoder_only=False,
-      average_top_k_layers=2, instance_norm_target_layer=True, layerdrop=0, norm_eps=1e-5,
-      encoder_dropout=0, post_mlp_drop=0, attention_dropout=0, activation_dropout=0,
-      supported_modality=fs.Modality.AUDIO, max_update=10, seed=1)
-  cfg.modalities.audio = acfg
-  torch.manual_seed(0)
-  model = d2.Data2VecMultiModel.build_model(cfg)
-  with torch.no_grad():   # a teacher that differs from the student, ALiBi scales off 1
-    for v in model.ema.fp32_params.values():
-      v.add_(0.02 * torch.randn_like(v))
-    model.modality_encoders["AUDIO"].alibi_scale.mul_(torch.tensor([0.5, 1.5]).view(1, 1, 2, 1, 1))
-    model.ema.restore(model.ema.fp32_params)
-  return model, {**_plainify(cfg), "_name": "data2vec_multi"}
-
 
 def test_v2_audio_step_matches_fairseq(fs):
   torch = fs.torch
-  model, model_cfg = _v2_audio_model(fs)
+  model, model_cfg = M.v2_audio_model(fs)
   state = P.torch_state(model)
   cfg, layout = P.our_config(
       "configs/audio.py:variant=tiny,v2", model_cfg, state,
@@ -198,36 +122,9 @@ def test_v2_audio_step_matches_fairseq(fs):
 # ----------------------------------------------------------------------------- v2 images
 
 
-def _v2_image_model(fs):
-  torch, d2, mods = fs.torch, fs.data2vec2, fs.modalities
-  dec = mods.modules.D2vDecoderConfig(decoder_dim=32, decoder_groups=4, decoder_kernel=3,
-                                      decoder_layers=2, input_dropout=0.0, decoder_residual=True)
-  icfg = mods.images.D2vImageConfig(
-      input_size=16, patch_size=4, embed_dim=32, prenet_depth=1, inverse_mask=True,
-      mask_prob=0.75, mask_length=1, mask_noise_std=0.0, ema_local_encoder=True,
-      num_extra_tokens=1, init_extra_token_zero=False, use_alibi_encoder=False, decoder=dec,
-      num_alibi_heads=2, model_depth=2)
-  cfg = d2.Data2VecMultiConfig(
-      loss_beta=0, loss_scale=None, depth=2, embed_dim=32, num_heads=2, clone_batch=2,
-      ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10, ema_encoder_only=False,
-      average_top_k_layers=2, instance_norm_target_layer=True, layer_norm_targets=True,
-      norm_eps=1e-6, encoder_dropout=0, post_mlp_drop=0, attention_dropout=0,
-      activation_dropout=0, cls_loss=0.01, supported_modality=fs.Modality.IMAGE, max_update=10,
-      seed=1)
-  cfg.modalities.image = icfg
-  torch.manual_seed(0)
-  model = d2.Data2VecMultiModel.build_model(cfg)
-  with torch.no_grad():   # a teacher that differs from the student
-    for k, v in model.ema.fp32_params.items():
-      if "fixed_positional" not in k:
-        v.add_(0.02 * torch.randn_like(v))
-    model.ema.restore(model.ema.fp32_params)
-  return model, {**_plainify(cfg), "_name": "data2vec_multi"}
-
-
 def test_v2_image_step_matches_fairseq(fs):
   torch = fs.torch
-  model, model_cfg = _v2_image_model(fs)
+  model, model_cfg = M.v2_image_model(fs)
   state = P.torch_state(model)
   rows = 2 * 2   # fairseq weights the CLS loss by the rows (images x clones) per GPU
   cfg, layout = P.our_config(
@@ -271,46 +168,10 @@ def test_v2_image_step_matches_fairseq(fs):
 # ------------------------------------------------------------------------------ v1 text
 
 
-def _perturb_ema(fs, model, keep=lambda k: True):
-  """A teacher that differs from the student in what fairseq averages (not in its copies)."""
-  torch = fs.torch
-  with torch.no_grad():
-    for k, v in model.ema.fp32_params.items():
-      if keep(k) and v.is_floating_point():
-        v.add_(0.02 * torch.randn_like(v))
-    model.ema.restore(model.ema.fp32_params)
-
-
-def _v1_text_model(fs, vocab):
-  torch = fs.torch
-  from fairseq.models.transformer.transformer_config import TransformerConfig
-  t = TransformerConfig()
-  t.encoder.embed_dim, t.encoder.ffn_embed_dim, t.encoder.layers = 32, 64, 2
-  t.encoder.attention_heads, t.encoder.normalize_before, t.encoder.learned_pos = 2, False, True
-  t.layernorm_embedding, t.no_scale_embedding, t.activation_fn = True, True, "gelu"
-  t.dropout = t.attention_dropout = t.activation_dropout = 0.0
-  t.max_source_positions = 30
-  cfg = fs.data2vec_text.Data2VecTextConfig(
-      max_positions=30, head_layers=2, transformer=t, loss_beta=4.0, loss_scale=1.0,
-      average_top_k_layers=2, layer_norm_target_layer=True, ema_decay=0.9, ema_end_decay=0.99,
-      ema_anneal_end_step=10)
-
-  class Task:
-    source_dictionary = vocab
-
-    class cfg:
-      data = ""
-  torch.manual_seed(0)
-  model = fs.data2vec_text.Data2VecTextModel.build_model(cfg, Task)
-  model.set_num_updates(0)        # fairseq makes the EMA teacher here
-  _perturb_ema(fs, model.encoder, keep=lambda k: k.startswith("layers."))
-  return model, {**_plainify(cfg), "_name": "data2vec_text"}
-
-
 def test_v1_text_step_matches_fairseq(fs):
   torch = fs.torch
-  vocab = _dictionary(fs, 40)
-  model, model_cfg = _v1_text_model(fs, vocab)
+  vocab = M.dictionary(fs, 40)
+  model, model_cfg = M.v1_text_model(fs, vocab)
   state = P.torch_state(model)
   cfg, layout = P.our_config(
       "configs/text.py:variant=tiny", model_cfg, state,
@@ -353,25 +214,9 @@ def test_v1_text_step_matches_fairseq(fs):
 # ----------------------------------------------------------------------------- v1 audio
 
 
-def _v1_audio_model(fs):
-  torch = fs.torch
-  cfg = fs.data2vec_audio.Data2VecAudioConfig(
-      extractor_mode="layer_norm", conv_feature_layers=FS_CONV, conv_bias=False,
-      encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=2,
-      conv_pos=12, pos_conv_depth=2, conv_pos_groups=4, dropout=0.0, attention_dropout=0.0,
-      activation_dropout=0.0, dropout_input=0.0, encoder_layerdrop=0.0, layer_norm_first=False,
-      average_top_k_layers=2, instance_norm_target_layer=True, loss_beta=0.0, loss_scale=None,
-      ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10, max_update=10)
-  torch.manual_seed(0)
-  model = fs.data2vec_audio.Data2VecAudioModel.build_model(cfg)
-  model.set_num_updates(0)
-  _perturb_ema(fs, model, keep=lambda k: not k.startswith("pos_conv."))
-  return model, {**_plainify(cfg), "_name": "data2vec_audio"}
-
-
 def test_v1_audio_step_matches_fairseq(fs):
   torch = fs.torch
-  model, model_cfg = _v1_audio_model(fs)
+  model, model_cfg = M.v1_audio_model(fs)
   state = P.torch_state(model)
   cfg, layout = P.our_config(
       "configs/audio.py:variant=tiny", model_cfg, state,
@@ -414,26 +259,12 @@ def test_v1_audio_step_matches_fairseq(fs):
 # ---------------------------------------------------------------------------- v1 vision
 
 
-def _v1_vision_model(fs):
-  torch = fs.torch
-  cfg = fs.data2vec_vision.Data2VecVisionConfig(
-      image_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2, drop_path=0.0,
-      attention_dropout=0.0, layer_scale_init_value=0.1, average_top_k_layers=2,
-      end_of_block_targets=True, layer_norm_target_layer=True, layer_norm_targets=True,
-      loss_beta=0.0, loss_scale=None, ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10)
-  torch.manual_seed(0)
-  model = fs.data2vec_vision.Data2VecVisionModel.build_model(cfg)
-  model.set_num_updates(0)
-  _perturb_ema(fs, model, keep=lambda k: "relative_position_index" not in k)
-  return model, {**_plainify(cfg), "_name": "data2vec_vision"}
-
-
 def test_v1_vision_step_matches_fairseq_port(fs, capsys):
   """fairseq's own port (examples/data2vec/models/data2vec_vision.py), not the data2vec_vision
   repository our 1.0 vision recipe follows: no regression head, a teacher fed the student's
   patch embeddings, LayerNorm eps 1e-5 (our config options; docs/fairseq.md)."""
   torch = fs.torch
-  model, model_cfg = _v1_vision_model(fs)
+  model, model_cfg = M.v1_vision_model(fs)
   state = P.torch_state(model)
   cfg, layout = P.our_config(
       "configs/vision.py:variant=tiny", model_cfg, state,

@@ -7,12 +7,12 @@ settings it needs (_environment), so `--help` stays fast and a module imports at
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/console.py)
-from d2v_jax import distributed  # noqa: E402
+from d2v_jax import cli, distributed  # noqa: E402
+from d2v_jax.config import ConfigError  # noqa: E402
 
 BENCHMARKS = {   # name: what it measures (module d2v_jax.bench.<name>)
     "step": "our jitted step vs a PyTorch reference, per modality",
@@ -43,7 +43,7 @@ def _environment(name: str) -> None:
 
 def main(argv: list[str]) -> int:
   if not argv or argv[0] not in BENCHMARKS:   # usage, the list, or one line naming a bad name
-    top = argparse.ArgumentParser(prog="python -m d2v_jax.bench", description=__doc__.splitlines()[0])
+    top = cli.ArgumentParser(prog="python -m d2v_jax.bench", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
     for name, what in BENCHMARKS.items():
       sub.add_parser(name, help=what)
@@ -52,14 +52,21 @@ def main(argv: list[str]) -> int:
   name = argv[0]
   _environment(name)
   module = importlib.import_module(f"d2v_jax.bench.{name}")
-  p = argparse.ArgumentParser(prog=f"python -m d2v_jax.bench {name}",
-                              description=(module.__doc__ or name).strip().splitlines()[0])
+  p = cli.ArgumentParser(prog=f"python -m d2v_jax.bench {name}",
+                         description=(module.__doc__ or name).strip().splitlines()[0])
   module.add_args(p)
   distributed.add_args(p)
   args = p.parse_args(argv[1:])
   args.benchmark = name
   distributed.initialize_from_args(args)   # the trainer's start-up: a pod host measures alike
-  return module.main(args)
+  try:
+    return module.main(args)
+  except ConfigError as e:
+    cli.fail(str(e))
+  except SystemExit as e:   # a benchmark's `raise SystemExit("message")`: one error line, exit 2
+    if cli.bad_exit(e):
+      cli.fail(e.code)
+    raise
 
 
 if __name__ == "__main__":

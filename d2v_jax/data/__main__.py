@@ -5,13 +5,15 @@
   python -m d2v_jax.data prepare --config configs/text.py:variant=tiny,runlocal --workdir DIR
                                what the trainer prepares at start-up (tokenizer, caches, index)
   python -m d2v_jax.data train-tokenizer --input 'data/text/*.txt' --out DIR [--vocab-size N]
+  python -m d2v_jax.data fairseq-vocab --vocab FAIRSEQ_DIR --out DIR
+                               fairseq's dict.txt + GPT-2 encoder.json / vocab.bpe -> an HF
+                               tokenizer giving the fairseq ids (data.tokenizer for init.fairseq)
 
 Errors are one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -23,9 +25,9 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from d2v_jax import config as config_lib, modality, validate  # noqa: E402
+from d2v_jax import cli, config as config_lib, modality, validate  # noqa: E402
 from d2v_jax.config import ConfigError  # noqa: E402
-from d2v_jax.data import text_corpus  # noqa: E402
+from d2v_jax.data import fairseq_vocab, text_corpus  # noqa: E402
 from d2v_jax.data.text_tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 
@@ -46,7 +48,7 @@ def _describe(batch: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m d2v_jax.data", description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(prog="python -m d2v_jax.data", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="cmd", required=True)
   b = sub.add_parser("batches", help="print a few batches of a config (any modality)")
   b.add_argument("--steps", type=int, default=3)
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
   t.add_argument("--input", required=True, help="globs / directories of text files")
   t.add_argument("--out", required=True)
   t.add_argument("--vocab-size", type=int, default=50265)
+  fv = sub.add_parser("fairseq-vocab", help="fairseq dict.txt + GPT-2 BPE -> HF tokenizer")
+  fv.add_argument("--vocab", required=True, help="folder with dict.txt, encoder.json, vocab.bpe")
+  fv.add_argument("--out", required=True)
   args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
   t0 = time.time()
   try:
@@ -68,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
       c = ml_collections.ConfigDict(dict(data=dict(source="files", path=args.input)))
       train_tokenizer(text_corpus.text_units(c), args.vocab_size, args.out)
       print(f"tokenizer: {args.out} ({len(load_tokenizer(args.out))} ids, {time.time() - t0:.1f} s)")
+      return 0
+    if args.cmd == "fairseq-vocab":
+      if rest:
+        p.error(f"unknown arguments {rest}")
+      if os.path.exists(args.out):
+        raise ConfigError(f"--out {args.out} exists; remove it or pick another directory")
+      n = fairseq_vocab.build_from_dir(args.vocab, args.out)
+      print(f"tokenizer: {args.out} ({n} ids = fairseq's dictionary + <mask>; "
+            f"--config.data.tokenizer={args.out})")
       return 0
     cfg = _config(p.prog, rest)
     data = modality.load(cfg.modality).data

@@ -306,9 +306,14 @@ def index(cfg, workdir: str | None = None) -> dict:
 def load_npz(path: str | None) -> dict | None:
   if not path or not tf.io.gfile.exists(path):
     return None
-  with tf.io.gfile.GFile(path, "rb") as f:
-    z = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+      return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
+  except Exception as e:   # truncated / not an .npz: zipfile, numpy and OS errors alike
+    text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"cached audio index {path} is damaged ({text}); delete it (it is "
+                      "rebuilt from data.path at the next start)") from None
 
 
 def save_npz(path: str | None, arrays: dict) -> None:

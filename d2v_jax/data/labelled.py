@@ -31,16 +31,20 @@ def read_tsv(path: str) -> tuple[list[str], list[str]]:
   if not os.path.isfile(path):
     raise ConfigError(f"probe data {path!r} is not a file; text probes read a text<TAB>label TSV")
   texts, labels = [], []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip():
-        continue
-      text, tab, label = line.rpartition("\t")
-      if not tab or not text.strip() or not label.strip():
-        raise ConfigError(f"{path}:{n}: expected `text<TAB>label`, got {line[:60]!r}")
-      texts.append(text.strip())
-      labels.append(label.strip())
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().split("\n")
+  except UnicodeDecodeError as e:   # a binary file (or another encoding) given as the TSV
+    raise ConfigError(f"probe data {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                      "text probes read a text<TAB>label TSV") from None
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    text, tab, label = line.rpartition("\t")
+    if not tab or not text.strip() or not label.strip():
+      raise ConfigError(f"{path}:{n}: expected `text<TAB>label`, got {line[:60]!r}")
+    texts.append(text.strip())
+    labels.append(label.strip())
   if not texts:
     raise ConfigError(f"{path} holds no `text<TAB>label` line")
   return texts, labels

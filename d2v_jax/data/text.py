@@ -86,10 +86,17 @@ def resolve_model_keys(cfg, tok) -> None:
   _check_positions(cfg)
 
 
+NEEDS_VOCAB = ("init.fairseq={!r} is a text model: its ids are fairseq's dictionary; set "
+               "--config.data.tokenizer to its tokenizer (from fairseq's dict.txt + encoder.json + "
+               "vocab.bpe: python -m d2v_jax.data fairseq-vocab, or init --vocab DIR)")
+
+
 def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Tokenizer (trained if none is given), model.vocab_size / pad_id from it, and the packed
   block cache (with its unknown-token guard)."""
   _check_positions(cfg)
+  if cfg.init.fairseq and not cfg.data.tokenizer:   # a trained BPE would not be its vocabulary
+    raise ConfigError(NEEDS_VOCAB.format(cfg.init.fairseq))
   tok = resolve_tokenizer(cfg, workdir)
   resolve_model_keys(cfg, tok)
   blocks(cfg, workdir, tok)
@@ -105,6 +112,8 @@ def resolve_offline(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   elif cfg.init.hf:
     raise ConfigError(f"init.hf={cfg.init.hf!r} holds no tokenizer; set --config.data.tokenizer "
                       "to the tokenizer of these weights")
+  elif cfg.init.fairseq:
+    raise ConfigError(NEEDS_VOCAB.format(cfg.init.fairseq))
   elif cfg.model.vocab_size is None:
     cfg.model.vocab_size = int(cfg.data.vocab_size)
 

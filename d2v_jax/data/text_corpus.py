@@ -169,11 +169,26 @@ def _sources(cfg) -> list:
   return out
 
 
+def _check_text(path: str, chunk) -> None:
+  """The first lines of a corpus file must be text: NUL bytes or mostly undecodable bytes
+  mean a binary file (an archive, an image, a .npy) matched by data.path."""
+  sample = b"\n".join(chunk)[:1 << 16]
+  nul = sample.count(b"\x00")
+  # Text in another 8-bit encoding (latin-1 accents) stays well under 10 % undecodable.
+  undecodable = sample.decode("utf-8", errors="replace").count("\ufffd")
+  if sample and (nul > 0.001 * len(sample) or undecodable > 0.1 * len(sample)):
+    raise ConfigError(f"text file {path} is not text ({nul} NUL and {undecodable} non-UTF-8 "
+                      f"bytes in its first {len(sample)}); remove it from data.path or fix the "
+                      "glob")
+
+
 def _read_lines(path: str) -> Iterator[str | None]:
   """Lines of one text file; None for a blank line (document end)."""
   any_text = False
   ds = tf.data.TextLineDataset(path).batch(_READ_BATCH).prefetch(1)
-  for chunk in ds.as_numpy_iterator():
+  for i, chunk in enumerate(ds.as_numpy_iterator()):
+    if i == 0:
+      _check_text(path, chunk)
     for raw in chunk:
       line = raw.decode("utf-8", errors="replace").strip()
       if line:
@@ -308,6 +323,7 @@ def blocks(cfg, workdir: str, tok) -> str:
   cache = cfg.data.cache_dir or os.path.join(sources.local_dir(workdir), "data_cache")
   path = os.path.join(cache, hashlib.sha256(key.encode()).hexdigest()[:20] + ".npy")
   if os.path.exists(path):
+    _check_cache(path)
     stats = read_stats(path)
     if stats:
       _check_unk(cfg, tok, stats["unk_frac"], stats["tokens"])
@@ -334,6 +350,19 @@ def blocks(cfg, workdir: str, tok) -> str:
   _log(f"cached corpus: {len(stream):,} tokens -> {len(blocks):,} blocks of "
        f"{cfg.data.block_size}, {100 * frac:.2f}% unknown tokens ({progress.elapsed():.0f} s)")
   return path
+
+
+def _check_cache(path: str) -> None:
+  """A cached block file that does not read back (truncated, overwritten) is one error naming
+  it: it is derived data, rebuilt from the corpus once deleted."""
+  try:
+    arr = np.load(path, mmap_mode="r")
+    why = None if arr.ndim == 2 and arr.dtype == np.int32 else f"holds {arr.dtype} {arr.shape}"
+  except (OSError, ValueError, EOFError) as e:
+    why = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+  if why:
+    raise ConfigError(f"cached corpus {path} is damaged ({why}); delete it (it is rebuilt from "
+                      "data.path at the next start)")
 
 
 def read_stats(path: str) -> dict | None:

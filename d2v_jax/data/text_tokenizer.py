@@ -53,11 +53,15 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str) -> None:
 def load_tokenizer(path: str):
   # (see train_tokenizer: import cost)
   from transformers import AutoTokenizer
+  if not os.path.isdir(path):
+    raise ConfigError(f"data.tokenizer={path!r} is not a directory; give an HF tokenizer "
+                      "directory (tokenizer.json or vocab files), or leave it empty to train one")
   try:
     return AutoTokenizer.from_pretrained(path, use_fast=True)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"data.tokenizer={path!r} cannot be loaded as an HF tokenizer: "
-                      f"{str(e).splitlines()[0]}") from None
+  except Exception as e:   # transformers raises many types (OSError, ValueError, AttributeError...)
+    text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"data.tokenizer={path!r} cannot be loaded as an HF tokenizer "
+                      f"({type(e).__name__}: {text}); give an HF tokenizer directory") from None
 
 
 def corpus_encoder(tok):

@@ -16,6 +16,8 @@ default; the pretraining masking lives in our data pipeline, not in the HF confi
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from d2v_jax.hf import common
@@ -63,7 +65,15 @@ def table(cfg) -> Table:
       layer_prefix="encoder.layers.{i}")
 
 
-def check_representable(cfg) -> None:
+def for_config(cfg):
+  """The map that can hold cfg's model: this one, or remote code for ALiBi (audio_alibi.py)."""
+  if cfg.model.alibi:
+    from d2v_jax.hf import audio_alibi  # imports this module: a cycle at import time otherwise
+    return audio_alibi
+  return sys.modules[__name__]
+
+
+def check_representable(cfg, alibi_ok: bool = False) -> None:
   m, enc = cfg.model, cfg.model.encoder
   common.check_representable(cfg, [
       (m.conv_norm != "layer", f"model.conv_norm={m.conv_norm!r} (HF: LayerNorm in every conv layer)"),
@@ -71,16 +81,16 @@ def check_representable(cfg) -> None:
       (enc.pre_ln, "model.encoder.pre_ln=True"), (enc.layer_scale > 0, "model.encoder.layer_scale>0"),
       (not enc.key_bias, "model.encoder.key_bias=False"), (not enc.input_norm, "model.encoder.input_norm=False"),
       (enc.final_norm, "model.encoder.final_norm=True"),
-      (m.alibi, "model.alibi=True (ALiBi)")],
+      (m.alibi and not alibi_ok, "model.alibi=True (ALiBi)")],
       "Data2VecAudio", "post-LN, LayerNorm conv extractor, data2vec pos conv, encoder input "
       "LayerNorm", "configs/audio.py model")
 
 
-def hf_config(cfg):
+def hf_config(cfg, alibi_ok: bool = False):
   """transformers.Data2VecAudioConfig for our audio model."""
   # transformers (seconds of import) only where an HF object is made
   from transformers import Data2VecAudioConfig
-  check_representable(cfg)
+  check_representable(cfg, alibi_ok)
   m, enc = cfg.model, cfg.model.encoder
   return Data2VecAudioConfig(
       hidden_size=enc.hidden, num_hidden_layers=enc.num_layers, num_attention_heads=enc.heads,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -40,6 +41,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from d2v_jax import config as config_lib, sharding
+from d2v_jax.hf import remote as remote_files   # the remote-code files' locations (no torch)
 from d2v_jax.modality import load as load_modality
 from d2v_jax.models import data2vec
 
@@ -284,6 +286,8 @@ def export(hf_map, params, cfg, out_dir: str, workdir: str) -> None:
   hf_cfg = hf_map.write_extra(cfg, out_dir, workdir)
   hf_cfg.architectures = [hf_map.ARCHITECTURE]
   hf_cfg.save_pretrained(out_dir)
+  if hasattr(hf_map, "REMOTE"):
+    write_remote_code(hf_map.REMOTE, out_dir)
   save_state_dict(to_hf_state(hf_map, params, cfg), out_dir)
   if hf_map.FLAX:
     tree = to_flax_tree(hf_map, params, cfg)
@@ -292,6 +296,20 @@ def export(hf_map, params, cfg, out_dir: str, workdir: str) -> None:
     with open(os.path.join(out_dir, "flax_model.msgpack"), "wb") as f:
       f.write(flax.serialization.msgpack_serialize(tree))
   write_json(config_lib.to_dict(cfg), os.path.join(out_dir, "d2v_config.json"))
+
+
+def write_remote_code(remote: tuple, out_dir: str) -> None:
+  """Copies the modeling file (d2v_jax/hf/remote/) next to the weights and points config.json
+  at it: its model_type and auto_map (AutoModel & co. load it with trust_remote_code=True)."""
+  filename, model_type, classes = remote
+  shutil.copy2(remote_files.path(filename), os.path.join(out_dir, filename))
+  path = os.path.join(out_dir, "config.json")
+  with open(path) as f:
+    hf_json = json.load(f)
+  module = filename[:-len(".py")]
+  hf_json["model_type"] = model_type
+  hf_json["auto_map"] = {auto: f"{module}.{cls}" for auto, cls in classes.items()}
+  write_json(hf_json, path)
 
 
 def load(hf_map, path: str, cfg) -> dict:

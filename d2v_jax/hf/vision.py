@@ -7,6 +7,8 @@ is a pretraining module and is not exported, as in the official conversion.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from d2v_jax.hf import common
@@ -44,6 +46,15 @@ def table(cfg) -> Table:
            (REL_TABLE, ("embed", "rel_pos_bias"), "param"),
            ("layernorm", ("encoder", "final_norm"), "norm")),
       block=block, layer_prefix="encoder.layer.{i}")
+
+
+def for_config(cfg):
+  """The map that can hold cfg's model: this one, or remote code for fairseq's data2vec 2.0
+  ViT (sin-cos positions, no relative bias: vision_vit.py)."""
+  if cfg.model.pos_embed == "sincos" and not cfg.model.rel_pos_bias:
+    from d2v_jax.hf import vision_vit  # imports this module: a cycle at import time otherwise
+    return vision_vit
+  return sys.modules[__name__]
 
 
 def check_representable(cfg) -> None:

@@ -27,7 +27,6 @@ the run's own starting weights); `--baseline` prints both rows in one call.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ os.environ.setdefault("USE_TF", "0")  # transformers: tokenizer only, no TF mode
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed, export  # noqa: E402
+from d2v_jax import build as build_lib, checkpoint, cli, config as config_lib, distributed, export, rundir  # noqa: E402
 from d2v_jax.config import ConfigError  # noqa: E402
 from d2v_jax.modality import load as load_modality  # noqa: E402
 from d2v_jax.probe.features import FeatureEncoder  # noqa: E402
@@ -126,7 +125,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(prog="python -m d2v_jax.probe", description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(prog="python -m d2v_jax.probe", description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="run directory written by d2v_jax.train")
   p.add_argument("--data", required=True,
                  help="labelled set: folder per class (images, audio) or text<TAB>label TSV (text)")
@@ -148,6 +147,9 @@ def main(argv=None) -> None:
   distributed.add_args(p)
   a = p.parse_args(argv)
   distributed.initialize_from_args(a)
+  why = rundir.problem(a.out, "file") if a.out else None
+  if why:   # found before the probe runs, not when its result is written
+    cli.fail(f"cannot write --out {a.out} ({why}); choose another --out")
   try:
     res = probe(a.workdir, a.data, weights=a.weights, layer=a.layer, random_init=a.random_init,
                 baseline=a.baseline, step=a.step, seed=a.seed, test_frac=a.test_frac, k=a.k,
