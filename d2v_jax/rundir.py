@@ -220,21 +220,26 @@ class RunLock:
     os.ftruncate(self._fd, len(data))
 
   def _beat(self) -> None:
-    while not self._stop.wait(self.interval):
-      try:
-        self._info["beat"] += 1
-        self._info["beat_time"] = time.time()
-        self._write()
-        if os.stat(self.path).st_ino != os.fstat(self._fd).st_ino:
-          raise FileNotFoundError
-      except FileNotFoundError:
-        h = self._read(self.path) or {"pid": "?", "host": "?"}
-        self.lost = (f"lost the lock of run directory {self.workdir} to {describe(h)} (this "
-                     f"process was silent for more than {self.stale:g} s); stopping without "
-                     "writing more")
-        return
-      except OSError:   # a transient storage error: the next beat tries again
-        continue
+    while not self._stop.wait(self.interval) and self.beat():
+      pass
+
+  def beat(self) -> bool:
+    """One heartbeat; False (and `lost` set) when run.lock is no longer this trainer's file."""
+    try:
+      self._info["beat"] += 1
+      self._info["beat_time"] = time.time()
+      self._write()
+      if os.stat(self.path).st_ino != os.fstat(self._fd).st_ino:
+        raise FileNotFoundError
+    except FileNotFoundError:
+      h = self._read(self.path) or {"pid": "?", "host": "?"}
+      self.lost = (f"lost the lock of run directory {self.workdir} to {describe(h)} (this "
+                   f"process was silent for more than {self.stale:g} s); stopping without "
+                   "writing more")
+      return False
+    except OSError:   # a transient storage error: the next beat tries again
+      pass
+    return True
 
   def check(self) -> None:
     """Raises RunDirError when another trainer took the lock over."""
