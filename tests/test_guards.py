@@ -124,6 +124,12 @@ def test_nan_batches_are_skipped_counted_and_stop_the_run(setup, tmp_path, monke
   assert [rows[s]["nonfinite_total"] for s in range(1, 8)] == [0, 0, 0, 0, 1, 2, 3]
   assert all(np.isnan(rows[s]["loss"]) for s in (5, 6, 7))
   assert all(np.isfinite(rows[s]["loss"]) for s in (1, 2, 3, 4))
+  # What the skip protects, as the trainer logs it: the student's norm and its distance to the
+  # teacher after each skipped step are step 4's to the bit (a NaN update would make them NaN,
+  # an update of one of the two would move the distance), while steps 2..4 moved both.
+  for key in ("param_norm", "teacher_dist"):
+    assert [rows[s][key] for s in (5, 6, 7)] == [rows[4][key]] * 3, key
+    assert len({rows[s][key] for s in (2, 3, 4)}) == 3, key
   # During the incident no checkpoint was written: the kept ones predate it.
   err = capsys.readouterr().err
   assert "warning: not saving step 6 during a non-finite / collapse incident" in err
