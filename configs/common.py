@@ -104,7 +104,8 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
       decoder=ml_collections.ConfigDict(dict(
           kind="1d",           # 1d: convolve over the sequence | 2d: over the patch grid
           dim=768, kernel=3, groups=16, layers=6, residual=True, proj_layers=1,
-          proj_ratio=2.0, input_dropout=0.0)),
+          proj_ratio=2.0, input_dropout=0.0,
+          proj_init="torch")),   # torch default | bert: N(0, 0.02) (fairseq's text decoder)
   ))
 
   # Mesh (d2v_jax/sharding.py): explicit sizes (one may be -1) or a preset that sets them:

@@ -181,6 +181,7 @@ LATE_DEFAULTS = {
     "init.hf": "",
     "init.checkpoint": "",
     "init.fairseq": "",
+    "v2.decoder.proj_init": "torch",
 }
 
 

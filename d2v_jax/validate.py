@@ -147,6 +147,8 @@ def _v2(cfg) -> list[tuple[bool, str]]:
        f"v2.decoder: dim={d.dim} must be a positive multiple of groups={d.groups} and "
        f"kernel={d.kernel} >= 1"),
       (d.proj_layers >= 1, f"v2.decoder.proj_layers={d.proj_layers} must be >= 1"),
+      (d.proj_init in ("torch", "bert"), f"v2.decoder.proj_init={d.proj_init!r} must be torch "
+       "or bert"),
   ]
 
 

@@ -190,3 +190,31 @@ def test_import_errors_are_one_line_and_write_nothing(fs, tmp_path, capsys):
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), err
     assert expect in err[0], err
     assert not run.exists()
+
+
+def test_training_continues_from_a_fairseq_checkpoint(fs, tmp_path, capsys):
+  """--config.init.fairseq on the base v2 recipe: the checkpoint's architecture and objective,
+  its student and EMA teacher at step 0, then our steps on real speech."""
+  from conftest import ROOT
+  from d2v_jax import config as config_lib, metrics, train
+  prompts = os.path.join(ROOT, "data", "audio", "prompts")
+  if not os.path.isdir(prompts):
+    pytest.skip(f"{prompts} missing: run .ci/setup")
+  model, model_cfg = M.v2_audio_model(fs)
+  ckpt = str(tmp_path / "checkpoint_best.pt")
+  save_fairseq(fs, model, model_cfg, ckpt)
+  cfg = config_lib.load_file("configs/audio.py:variant=base,v2")
+  cfg.init.fairseq = ckpt
+  cfg.data.update(dict(source="files", path=os.path.join(prompts, "*.wav"), audio_key="audio",
+                       max_samples=1600, min_samples=1600, buckets=(1600,)))
+  cfg.update(dict(batch_size=8, total_steps=2, checkpoint_every=2, log_every=1))
+  cfg.optim.warmup_steps = 1
+  run = str(tmp_path / "run")
+  train.run(cfg, run)
+  out = capsys.readouterr().out
+  assert "initialised from fairseq checkpoint" in out and "EMA teacher" in out
+  assert (cfg.model.encoder.hidden, cfg.model.alibi, cfg.v2.clone_batch) == (32, True, 2)
+  rows = metrics.read(run)
+  assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+  # fairseq's EMA decay at updates 1 and 2 (0.9 -> 0.99 over 10)
+  np.testing.assert_allclose([r["tau"] for r in rows], [0.909, 0.918], rtol=1e-6)

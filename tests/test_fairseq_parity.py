@@ -306,3 +306,26 @@ def test_v1_vision_step_matches_fairseq_port(fs, capsys):
   assert n == len(fs_ema) - 1   # all but the position index buffer
   with capsys.disabled():
     _check("v1 vision (fairseq port)", ours, ref, ema_err, n)
+
+
+def test_v2_text_decoder_init_is_fairseqs(fs):
+  """fairseq initialises its text decoder's projection with init_bert_params (N(0, 0.02), bias
+  0: TextEncoder never re-initialises it, unlike the audio / image decoders) and its convs with
+  torch's default; the importer's settings give our fresh init the same distributions."""
+  import jax
+  vocab = M.dictionary(fs, 40)
+  model, model_cfg = M.v2_text_model(fs, vocab)
+  state = P.torch_state(model)
+  cfg, _ = P.our_config("configs/text.py:variant=tiny,v2", model_cfg, state,
+                        **{"data.path": "synthetic", "data.block_size": 12})
+  assert cfg.v2.decoder.proj_init == "bert"
+  from d2v_jax import build as build_lib
+  params = jax.device_get(build_lib.build(cfg, devices=jax.devices()[:1]).init(0).params)["decoder"]
+  fs_p = dict(model.named_parameters())
+  dec = "modality_encoders.TEXT.decoder"
+  for ours, theirs in ((params["proj_0"]["kernel"], fs_p[f"{dec}.proj.0.weight"]),
+                       (params["proj"]["kernel"], fs_p[f"{dec}.proj.2.weight"]),
+                       (params["conv_0"]["kernel"], fs_p[f"{dec}.blocks.0.0.weight"])):
+    ratio = float(np.std(ours)) / float(theirs.detach().std())
+    assert 0.85 < ratio < 1.15, ratio     # 2k-5k draws: the std's sampling error is < 3 %
+  assert not params["proj_0"]["bias"].any() and not fs_p[f"{dec}.proj.0.bias"].detach().any()

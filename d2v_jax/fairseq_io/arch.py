@@ -179,7 +179,9 @@ def _multi(m: dict, state: dict, layout: Layout) -> dict:
          "v2.decoder.residual": bool(dec.get("decoder_residual", True)),
          "v2.decoder.proj_layers": int(dec.get("projection_layers", 1)),
          "v2.decoder.proj_ratio": float(dec.get("projection_ratio", 2.0)),
-         "v2.decoder.input_dropout": float(dec.get("input_dropout", 0.1))}
+         "v2.decoder.input_dropout": float(dec.get("input_dropout", 0.1)),
+         # fairseq re-initialises the audio / image decoders, not the text one (init_bert_params)
+         "v2.decoder.proj_init": "bert" if mod == "TEXT" else "torch"}
   encoder_only, ema_local = bool(m.get("ema_encoder_only", True)), bool(mc.get("ema_local_encoder", False))
   if mod == "TEXT":
     p = "modality_encoders.TEXT.local_encoder"

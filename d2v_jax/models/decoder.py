@@ -7,8 +7,9 @@ it). Each block: Conv (kernel k, 'same' padding, `groups`) -> LayerNorm over cha
 affine -> GELU, plus the block's input when `residual` and the channel counts match (so a
 decoder narrower than the encoder skips the residual of its first block). Then `proj`:
 Linear(dim -> width), or Linear(dim -> dim * ratio) -> GELU -> Linear(-> width) for
-`proj_layers` = 2 (text). Initialisation is PyTorch's default for Conv / Linear (fairseq
-re-initialises the decoder after init_bert_params).
+`proj_layers` = 2 (text). Initialisation is PyTorch's default for Conv / Linear: fairseq
+re-initialises the audio and image decoders after init_bert_params; its text decoder keeps
+init_bert_params' N(0, 0.02) Linear weights (zero bias), which `proj_init="bert"` gives.
 
 Decoder1d convolves over the sequence [N, T, C]; Decoder2d over the patch grid [N, g, g, C]
 (vision, T = g * g row-major patches).
@@ -80,6 +81,7 @@ class ConvDecoder(nn.Module):
   proj_layers: int = 1
   proj_ratio: float = 2.0
   input_dropout: float = 0.0
+  proj_init: str = "torch"   # torch: U(+-1/sqrt(fan_in)) | bert: N(0, 0.02), bias 0
   grid: int = 0
   dtype: Any = jnp.float32
   conv_impl: str = "auto"    # grouped_conv's impl (tests compare them)
@@ -113,9 +115,15 @@ class ConvDecoder(nn.Module):
     return self._linear(self.width, cur, "proj")(x)
 
   def _linear(self, features: int, fan_in: int, name: str) -> nn.Dense:
+    if self.proj_init == "bert":
+      kernel, bias = nn.initializers.normal(0.02), nn.initializers.zeros
+    elif self.proj_init == "torch":
+      kernel, bias = _TORCH_KERNEL, _torch_bias(fan_in)
+    else:
+      raise ValueError(f"v2.decoder.proj_init={self.proj_init!r}: use torch or bert")
     return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name,
-                    kernel_init=nn.with_logical_partitioning(_TORCH_KERNEL, (None, "embed")),
-                    bias_init=nn.with_logical_partitioning(_torch_bias(fan_in), ("embed",)))
+                    kernel_init=nn.with_logical_partitioning(kernel, (None, "embed")),
+                    bias_init=nn.with_logical_partitioning(bias, ("embed",)))
 
 
 def build(cfg, grid: int = 0) -> ConvDecoder:
@@ -123,4 +131,5 @@ def build(cfg, grid: int = 0) -> ConvDecoder:
   return ConvDecoder(dim=int(d.dim), width=int(cfg.model.encoder.hidden), kernel=int(d.kernel),
                      groups=int(d.groups), layers=int(d.layers), residual=bool(d.residual),
                      proj_layers=int(d.proj_layers), proj_ratio=float(d.proj_ratio),
-                     input_dropout=float(d.input_dropout), grid=grid, dtype=jnp.dtype(cfg.dtype))
+                     input_dropout=float(d.input_dropout), proj_init=str(d.proj_init), grid=grid,
+                     dtype=jnp.dtype(cfg.dtype))
