@@ -1,4 +1,4 @@
-"""Reading and writing fairseq checkpoint files.
+"""Reading fairseq checkpoint files.
 
 A fairseq checkpoint is a torch pickle: {"cfg": {"model": ..., "task": ..., ...}, "model":
 state_dict, ...}; the cfg is an OmegaConf DictConfig in files fairseq wrote (plain dicts are
@@ -66,14 +66,3 @@ def read(path: str) -> tuple[dict, dict]:
   else:
     raise ConfigError(f"{path!r} has neither 'cfg' nor 'args': no model config to build from")
   return model_cfg, _numpy(ckpt["model"])
-
-
-def write(path: str, model_cfg: dict, state: dict) -> None:
-  """A checkpoint fairseq's load_checkpoint_to_cpu reads: cfg as plain dicts, fp32 tensors."""
-  import torch  # writes fairseq's own (torch pickle) format
-  def tensors(d):
-    return {k: tensors(v) if isinstance(v, dict) else torch.from_numpy(np.ascontiguousarray(v))
-            for k, v in d.items()}
-  tmp = path + ".tmp"
-  torch.save({"cfg": {"model": model_cfg}, "model": tensors(state)}, tmp)
-  os.replace(tmp, path)
