@@ -187,6 +187,17 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
   c.eval.step_rank_every = 10        # rank_target / rank_pred in the step every N steps (NaN
                                      # between; lax.cond): 1 = every step (+2-4 % CPU tiny); 0 = off
 
+  # Batch-size scaling (d2v_jax/scaling.py, docs/training.md): a run at another global batch
+  # than the recipe's scales lr (sqrt | linear | none), the EMA decays (tau^(B/B0)) and the
+  # step counts (same examples) when --config.batch_size is given (or apply=True). Each recipe
+  # sets reference_batch = its batch (finish()); 0 = off. `recipe` records the reference
+  # values once scaled (config.json keeps both).
+  c.scaling = ml_collections.ConfigDict(dict(
+      reference_batch=0, lr="sqrt", ema=True, lengths=True, apply=False,
+      recipe=ml_collections.ConfigDict(dict(lr=None, tau_start=None, tau_end=None,
+                                            anneal_steps=None, warmup_steps=None,
+                                            total_steps=None, checkpoint_every=None))))
+
   c.init = ml_collections.ConfigDict()
   c.init.hf = ""                     # HF directory a NEW run starts from (d2v_jax/init.py)
   c.init.checkpoint = ""             # run directory whose latest student params start a NEW run
@@ -217,6 +228,12 @@ def v2_recipe(c: ml_collections.ConfigDict, *, clones: int, mask_prob: float, ma
   c.v2.mask_prob, c.v2.mask_adjust, c.v2.mask_length = mask_prob, mask_adjust, mask_length
   c.v2.cls_loss = cls_loss
   c.v2.decoder.update(decoder)
+
+
+def finish(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Last line of every get_config: the recipe's global batch is the scaling reference."""
+  c.scaling.reference_batch = c.batch_size
+  return c
 
 
 def runlocal(c: ml_collections.ConfigDict, steps: int = 300, batch: int = 8) -> None:

@@ -37,7 +37,7 @@ from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/c
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from d2v_jax import config as config_lib, scale_table  # noqa: E402
+from d2v_jax import config as config_lib, scale_table, scaling  # noqa: E402
 from d2v_jax.aot import compile_step  # noqa: E402
 from d2v_jax.batch_search import (remat_names, remat_table, search_batch, search_remat,  # noqa: E402
                                   with_batch_per_device)
@@ -116,6 +116,7 @@ def _main_remat(cfg, topo, devices, backend, policies, fv) -> int:
              key=lambda row: (row.get("largest_batch", 0), -row["report"].bound_s), default=None)
   if best is not None:
     print("\n".join(best["report"].lines()))
+    print(scaling.at_batch(cfg, best["report"].global_batch), flush=True)
   print(f"\n{topo.chip.name} ({topo.chip.hbm_gib:g} GiB HBM per device), per remat policy:")
   print(remat_table(rows), flush=True)
   if fv.json:
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
       if not lo:
         return EXIT_NO_FIT
       report = seen[lo]
+      print(scaling.at_batch(cfg, report.global_batch), flush=True)
     else:
       report = compile_step(cfg, topo, devices=devices, backend=backend)
   except (config_lib.ConfigError, ValueError) as e:

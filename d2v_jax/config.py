@@ -182,6 +182,13 @@ LATE_DEFAULTS = {
     "init.checkpoint": "",
     "init.fairseq": "",
     "v2.decoder.proj_init": "torch",
+    "scaling.reference_batch": 0,
+    "scaling.lr": "sqrt",
+    "scaling.ema": True,
+    "scaling.lengths": True,
+    "scaling.apply": False,
+    "scaling.recipe": {"lr": None, "tau_start": None, "tau_end": None, "anneal_steps": None,
+                       "warmup_steps": None, "total_steps": None, "checkpoint_every": None},
 }
 
 

@@ -5,7 +5,8 @@
 1. fills the keys that configs of older runs lack (config.LATE_DEFAULTS and the modality's
    data LATE_DEFAULTS), so code reads every key directly;
 2. takes the architecture from an init.hf directory (init_weights.resolve_config), so the
-   checks and everything built after them see the weights' shapes;
+   checks and everything built after them see the weights' shapes, then scales the recipe to
+   the global batch (scaling.apply: lr, EMA decays, step counts);
 3. range checks that hold for every modality, the guards and the evaluation keys;
 4. the modality's own checks (data.validate).
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from d2v_jax import config as config_lib, init_weights, metrics, objectives, optim
+from d2v_jax import config as config_lib, init_weights, metrics, objectives, optim, scaling
 from d2v_jax.config import ConfigError
 from d2v_jax.modality import load as load_modality
 from d2v_jax.probe.features import layer_index
@@ -28,6 +29,7 @@ def validate(cfg) -> None:
   mod = load_modality(cfg.modality)
   config_lib.fill_defaults(cfg, getattr(mod.data, "LATE_DEFAULTS", {}))
   init_weights.resolve_config(cfg)
+  scaling.apply(cfg)   # after the init's settings: they may carry the recipe's schedule
   for ok, msg in _finite(cfg) + _values(cfg) + _common(cfg) + _v2(cfg) + _guards(cfg.guards) + _eval(cfg):
     if not ok:
       raise ConfigError(msg)

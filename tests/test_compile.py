@@ -267,6 +267,9 @@ def test_largest_batch_per_remat_policy_on_tpu(tmp_path, capsys):
                     re.M) == ["none", "full"], text
   assert len(re.findall(r"batch/device +64: +[0-9.]+ GiB fits", text)) == 2, text
   assert "TPU v5e (15.75 GiB HBM per device), per remat policy:" in text
+  # the batch found, through the batch-size scaling rule (d2v_jax/scaling.py): 64 x 4 = 256
+  assert "global batch 256 = 1 x the recipe's 256: --config.batch_size=256 scales the recipe " \
+         "to optim.lr 0.0002, teacher.tau_start 0.999" in text, text
   _check_honest_lines(text)
   rows = {row["remat"]: row["report"] for row in json.loads(out.read_text())}
   assert rows["full"]["memory"]["temp"] < rows["none"]["memory"]["temp"]
