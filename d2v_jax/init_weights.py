@@ -224,6 +224,10 @@ def load_hf(path: str, cfg, modality) -> dict:
     return hf_common.load(hf_map, path, cfg)
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f"init.hf={path!r}: {e}") from None
+  except Exception as e:   # a truncated / corrupt weights file: safetensors' or torch's own error
+    text = str(e).splitlines()[0] if str(e).strip() else ""
+    raise config_lib.ConfigError(f"init.hf={path!r}: its weights do not read ({type(e).__name__}: "
+                                 f"{text}); download them again") from None
 
 
 # ------------------------------------------------------------------------ tree helpers
