@@ -74,7 +74,7 @@ MUTANTS = [
     M("guard: skipped step still updates the optimizer state", "d2v_jax/step.py",
       "opt_state=keep(opt_state, state.opt_state))", "opt_state=opt_state)",
       (STEP + "test_nonfinite_step_is_skipped",)),
-    M("guard: reads the loss only, not the gradient", "d2v_jax/step.py",
+    M("guard: the gradient is not checked", "d2v_jax/step.py",
       "finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)", "finite = jnp.isfinite(loss)",
       (STEP + "test_finite_loss_with_infinite_gradient_is_skipped",
        STEP + "test_nonfinite_step_is_skipped")),
