@@ -163,7 +163,7 @@ def get_config(arg: str | None = None):
     c.guards.min_pred_var = 0.0
   if args["v2"]:
     v2(c, layers, hidden, runlocal=args["runlocal"])
-  return common.finish(c)
+  return common.finish(c, args)
 
 def v2(c, layers: int, hidden: int, runlocal: bool) -> None:
   """data2vec 2.0 (fairseq config/v2/base_audio_only_task.yaml, docs/algorithm.md §3.7, §3.9) on

@@ -230,8 +230,13 @@ def v2_recipe(c: ml_collections.ConfigDict, *, clones: int, mask_prob: float, ma
   c.v2.decoder.update(decoder)
 
 
-def finish(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Last line of every get_config: the recipe's global batch is the scaling reference."""
+def finish(c: ml_collections.ConfigDict, args: dict) -> ml_collections.ConfigDict:
+  """Last line of every get_config: the production variants (base, large) compute in
+  bfloat16 (params, teacher and optimizer state stay float32; docs/recipes.md), the small
+  ones and runlocal in float32 (CPU tests compare numbers exactly); the recipe's global
+  batch is the scaling reference."""
+  if args["variant"] in ("base", "large") and not args["runlocal"]:
+    c.dtype = "bfloat16"
   c.scaling.reference_batch = c.batch_size
   return c
 

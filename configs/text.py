@@ -117,7 +117,7 @@ def get_config(arg: str | None = None):
     common.tau_schedule(c, 0.999, 0.9999, 300)
   if args["v2"]:
     v2(c, layers, runlocal=args["runlocal"])
-  return common.finish(c)
+  return common.finish(c, args)
 
 def v2(c, layers: int, runlocal: bool) -> None:
   common.v2_recipe(c, clones=8, mask_prob=0.48, mask_adjust=0.0, mask_length=1,

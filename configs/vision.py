@@ -186,7 +186,7 @@ def get_config(arg: str | None = None):
     common.tau_schedule(c, 0.99, 0.999, 300)
   if args["v2"]:
     v2(c, layers, runlocal=args["runlocal"])
-  return common.finish(c)
+  return common.finish(c, args)
 
 def v2(c, layers: int, runlocal: bool) -> None:
   hidden = c.model.encoder.hidden

@@ -1,15 +1,17 @@
 """data2vec 1.0 vs 2.0 on the same encoder and batch: FLOPs and time per masked token.
 
-  python -m d2v_jax.bench v2 [--quick] [--modality text|vision|audio|all] [--out DIR]
+  python -m d2v_jax.bench v2 [--quick] [--modality text|vision|audio|all] [--base-reps N] [--out DIR]
 
 For each modality, the v1 and the v2 recipe of one encoder size (configs/<m>.py, `v2` adds
 the data2vec 2.0 objective): the training step's dot / conv FLOPs from its traced program
 (forward + backward + teacher; no compile needed, so the base configs at production lengths
 are counted exactly), per example, per masked view (v1: 1, v2: M clones) and per masked token
-(a prediction target: the learning signal the compute buys); then, for a small size that a
-CPU runs in seconds (tiny; --quick: 1 layer), the compiled step's time per masked token and
-XLA's temporary bytes. It ends with one line per modality:
-`<modality>: v2 uses <X.X>x fewer FLOPs per masked token than v1`.
+(a prediction target: the learning signal the compute buys), and the measured time of a few
+of those base steps (batch 2; --base-reps, 0 to skip: minutes per modality on a CPU); then,
+for a small size that a CPU runs in seconds (tiny; --quick: 1 layer, no base timing), the
+compiled step's time per masked token and XLA's temporary bytes. It ends with one line per
+modality: `<modality>: v2 uses <X.X>x fewer FLOPs per masked token than v1` and, when the
+base steps were timed, `... and <Y.Y>x less time per masked token at base size`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--modality", default="all", help="text | vision | audio | all")
   p.add_argument("--quick", action="store_true", help="1-layer timing models, 2 repetitions")
   p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--base-reps", type=int, default=3,
+                 help="timed steps of the base configs (batch 2); 0: FLOPs only")
   p.add_argument("--out", default="bench_results")
 
 
@@ -49,6 +53,7 @@ def _config(modality: str, size: str, v2: bool, batch: int, quick: bool = False)
   finally:
     os.chdir(cwd)
   cfg.batch_size = batch
+  cfg.dtype = "float32"   # the base recipes compute in bf16 on accelerators; XLA:CPU emulates it
   if modality == "text":
     cfg.model.vocab_size = TEXT_VOCAB
   if quick:
@@ -96,20 +101,27 @@ def measure(modality: str, size: str, v2: bool, batch: int, *, time_it: bool, re
 
 
 def main(args: argparse.Namespace) -> int:
-  rows, ratios = [], {}
+  rows, ratios, time_ratios = [], {}, {}
   reps = 2 if args.quick else args.reps
+  base_reps = 0 if args.quick else args.base_reps
   for modality in setups.modalities(args.modality):
-    pair = {}
+    pair, timed = {}, {}
     for v2 in (False, True):
-      flop_row = measure(modality, FLOP_SIZE, v2, 2, time_it=False, reps=0)
+      flop_row = measure(modality, FLOP_SIZE, v2, 2, time_it=base_reps > 0, reps=base_reps)
       time_row = measure(modality, TIME_SIZE, v2, 8, time_it=True, reps=reps, quick=args.quick)
       rows += [flop_row, time_row]
       pair[v2] = flop_row["flops_per_masked"]
+      timed[v2] = flop_row.get("us/masked token")
     ratios[modality] = pair[False] / pair[True]
+    if timed[False] and timed[True]:
+      time_ratios[modality] = timed[False] / timed[True]
   bench.report("v2", rows, COLUMNS, bench.out_path(args.out, "v2"), backend=jax.default_backend(),
-               ratios=ratios)
+               ratios=ratios, time_ratios=time_ratios)
   for modality, r in ratios.items():
-    print(f"{modality}: v2 uses {r:.1f}x fewer FLOPs per masked token than v1")
+    t = time_ratios.get(modality)
+    print(f"{modality}: v2 uses {r:.1f}x fewer FLOPs per masked token than v1"
+          + (f" and {t:.1f}x less time per masked token at base size ({jax.default_backend()})"
+             if t else ""))
   return 0
 
 
