@@ -126,6 +126,23 @@ def _main_remat(cfg, topo, devices, backend, policies, fv) -> int:
   return EXIT_OK if best is not None else EXIT_NO_FIT
 
 
+def oom_advice(cfg) -> str:
+  """What to try next, in the order that costs the least: only what the config has not
+  already set (bfloat16, full remat, FSDP), then a smaller batch with the scaling rule."""
+  steps = []
+  if cfg.dtype != "bfloat16":
+    steps.append("--config.dtype=bfloat16")
+  if cfg.model.encoder.remat != "full":
+    steps.append("--config.model.encoder.remat=full (compare policies: --search_batch --remat all)")
+  if cfg.mesh.preset not in ("fsdp", "fsdp_tp") and cfg.mesh.fsdp == 1:
+    steps.append("--config.mesh.preset=fsdp (parameters, teacher and optimizer state sharded)")
+  nxt = (f"Try {steps[0]}" + (f"; then {'; '.join(steps[1:])}" if steps[1:] else "")) if steps else \
+      "dtype, remat and FSDP are already set"
+  return (f"{nxt}. Or lower the batch: --search_batch finds the largest that fits, and "
+          "--config.batch_size=N scales the recipe's lr and EMA to it (docs/training.md), or use "
+          "a larger slice (docs/scale.md)")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   _ensure_cpu_devices(argv)
@@ -178,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     used = (f"needs {report.memory['total'] / GiB:.2f} GiB per device" if report.memory
             else f"was refused by the compiler ({report.error})")
     print(f"error: the step does not fit {topo.chip.name} HBM ({topo.chip.hbm_gib:g} GiB per "
-          f"device): it {used}. Lower the batch (--batch_per_device), shard more "
-          f"(--config.mesh.preset=fsdp), use --config.dtype=bfloat16 or "
-          f"--config.model.encoder.remat=full (compare policies: --search_batch --remat all)",
-          file=sys.stderr)
+          f"device): it {used}. {oom_advice(cfg)}", file=sys.stderr)
     return EXIT_NO_FIT
   return EXIT_OK
 

@@ -125,6 +125,22 @@ def test_step_that_does_not_fit_exits_nonzero(capsys):
   assert "--config.mesh.preset=fsdp" in err
 
 
+def test_out_of_memory_advice_names_only_what_is_not_set():
+  from d2v_jax import config as config_lib
+  cfg = config_lib.load_file("configs/audio.py:variant=base,v2")   # bf16 by default (base)
+  advice = C.oom_advice(cfg)
+  assert "dtype=bfloat16" not in advice and advice.startswith("Try --config.model.encoder.remat=full")
+  cfg.model.encoder.remat = "full"
+  assert C.oom_advice(cfg).startswith("Try --config.mesh.preset=fsdp")
+  cfg.mesh.preset = "fsdp"
+  advice = C.oom_advice(cfg)
+  assert advice.startswith("dtype, remat and FSDP are already set. Or lower the batch")
+  assert "--config.batch_size=N scales the recipe" in advice
+  cfg.dtype = "float32"
+  assert C.oom_advice(cfg) == advice.replace("dtype, remat and FSDP are already set",
+                                             "Try --config.dtype=bfloat16")
+
+
 def test_batch_search_finds_the_edge_in_few_compiles(monkeypatch):
   """A fake compiler whose memory is 1 GiB + 0.3 GiB per example (v5e: 15.75 GiB): the
   largest fitting per-device batch is 49. The search brackets it within 1/8 in <= 4 compiles."""
