@@ -28,6 +28,9 @@ OPERATIONAL = (
     "data.cache_dir", "data.threads", "data.tfds_data_dir",
     # Bad-record policies only act on a record the previous launch could not get past.
     "data.on_bad_image", "data.on_bad_file",
+    # How the batch-size rule derived the recipe's values (d2v_jax/scaling.py): what it
+    # derived (optim.lr, teacher.*, step counts) is compared itself.
+    "scaling",
     # The same function computed another way (kernel, recomputation, scan unrolling).
     "model.encoder.attention", "model.encoder.remat", "model.encoder.scan_unroll",
     "model.encoder.key_padding",

@@ -247,44 +247,39 @@ def test_every_path_the_run_writes_is_checked_before_anything_is_written(setup, 
 
 # ---------------------------------------------------------------- a failed save never hangs
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_failed_save_exits_in_seconds_with_one_line_and_the_previous_checkpoint_intact(
     setup, tmp_path):
-  """checkpoints/ stops taking writes mid-run: the next save fails, and the trainer exits 1 at
-  once (orbax's threads would keep the interpreter waiting ~5 minutes in a barrier)."""
-  args = text_args(setup, total_steps=100_000, checkpoint_every=2, keep_checkpoints=100_000,
-                   log_every=1000)
+  """checkpoints/ stops taking writes after start-up: the launch's first save fails, and the
+  trainer exits 1 at once (orbax's commit threads would keep the interpreter waiting about five
+  minutes in a barrier: the hang this guards against)."""
   work = str(tmp_path / "run")
   ckpts = os.path.join(work, "checkpoints")
+  train.run(parse(text_args(setup, total_steps=2, checkpoint_every=2)), work)   # step 2 saved
+  kept = tree_hashes(ckpts)
+  args = text_args(setup, total_steps=100_000, checkpoint_every=2, log_every=1000,
+                   resume_allow_changes="total_steps")
   proc = subprocess.Popen(train_cmd(args, work), cwd=ROOT, env=env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
-    t0 = time.monotonic()
-    while not checkpoint.steps_on_disk(work):
-      assert proc.poll() is None and time.monotonic() - t0 < 300, proc.communicate()[1][-2000:]
-      time.sleep(0.05)
+    wait_for_line(proc, "attention=")   # restored and built; the first step compiles next
     with unwritable(ckpts):
-      kept = {s: tree_hashes(os.path.join(ckpts, str(s))) for s in checkpoint.steps_on_disk(work)}
       t_block = time.monotonic()
-      out, err = proc.communicate(timeout=120)
+      out, err = proc.communicate(timeout=240)
       elapsed = time.monotonic() - t_block
-      assert {s: tree_hashes(os.path.join(ckpts, str(s))) for s in kept} == kept
+      assert tree_hashes(ckpts) == kept
   finally:
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 1, err[-3000:]
-  assert elapsed < 30, elapsed      # seconds of training until the next save, then out
+  assert elapsed < 60, elapsed      # the first step's compile and 2 steps, then out
   lines = err.strip().splitlines()
   assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-  last = max(kept)
-  assert lines[0].startswith(f"error: saving checkpoint step {last + 2} to {ckpts} failed: ")
-  assert lines[0].endswith(f"; the previous checkpoint (step {last}) is intact")
+  assert lines[0].startswith(f"error: saving checkpoint step 4 to {ckpts} failed: ")
+  assert lines[0].endswith("; the previous checkpoint (step 2) is intact")
   assert not os.path.exists(os.path.join(work, "run.lock"))
-  # Nothing half-written passes for a checkpoint: at most the failed step's temporary
-  # directory (a save that had started before the directory refused writes), which the next
-  # start removes.
-  assert checkpoint.steps_on_disk(work) == sorted(kept)
-  assert set(os.listdir(ckpts)) - {str(s) for s in kept} <= {f"{last + 2}{checkpoint.TMP_SUFFIX}"}
+  assert checkpoint.steps_on_disk(work) == [2] and os.listdir(ckpts) == ["2"]
 
 
 # ---------------------------------------------------------------- damaged checkpoints
@@ -356,13 +351,13 @@ def test_resume_that_changes_the_trajectory_is_refused_unless_allowed_and_record
   lr = float(run_config(work).optim.lr)
   with Unchanged(work):
     with pytest.raises(config_lib.ConfigError) as e:
-      train.run(parse(text_args(setup, **base, **{"optim.lr": 1e-3, "batch_size": 16,
+      train.run(parse(text_args(setup, **base, **{"optim.lr": 1e-3, "seed": 1,
                                                   "log_every": 7})), work)
-  assert str(e.value) == (
-      f"resuming {work} at step 2 would change how the run trains: batch_size 8 -> 16, "
-      f"optim.lr {lr} -> 0.001; rerun with the run's settings ({work}/config.json) or allow "
-      f"exactly these with --config.resume_allow_changes=batch_size,optim.lr (recorded in "
-      f"config_changes.jsonl), or choose another --workdir")
+  assert str(e.value) == (   # log_every is no trajectory key: not listed
+      f"resuming {work} at step 2 would change how the run trains: optim.lr {lr} -> 0.001, "
+      f"seed 0 -> 1; rerun with the run's settings ({work}/config.json) or allow exactly these "
+      f"with --config.resume_allow_changes=optim.lr,seed (recorded in config_changes.jsonl), or "
+      f"choose another --workdir")
   with Unchanged(work):
     with pytest.raises(config_lib.ConfigError, match="resume_allow_changes names 'optim.lrr', "
                                                      "which is no config key or section"):
@@ -377,13 +372,17 @@ def test_resume_that_changes_the_trajectory_is_refused_unless_allowed_and_record
   out = capsys.readouterr().out
   assert (f"resuming with changed settings (resume_allow_changes): optim.lr {lr} -> 0.001, "
           "total_steps 2 -> 3\n") in out
-  assert f"config.json updated from step 2: 3 changed, 0 new keys; the previous values are in " \
-         f"{work}/{drift.CHANGES_FILE}" in out
+  assert "config.json updated from step 2: " in out
+  assert f"; the previous values are in {work}/{drift.CHANGES_FILE}" in out
   with open(os.path.join(work, drift.CHANGES_FILE)) as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == 1 and rows[0]["step"] == 2
-  assert rows[0]["changed"] == {"optim.lr": [lr, 0.001], "total_steps": [2, 3],
-                                "resume_allow_changes": ["", "total_steps,optim"]}
+  changed = rows[0]["changed"]
+  assert changed["optim.lr"] == [lr, 0.001] and changed["total_steps"] == [2, 3]
+  assert changed["resume_allow_changes"] == ["", "total_steps,optim"]
+  # the rest: what the batch-size rule records of the recipe (scaling.recipe.*)
+  assert all(k.startswith("scaling.") for k in set(changed) - {"optim.lr", "total_steps",
+                                                               "resume_allow_changes"})
   assert rows[0]["allowed"] == ["optim.lr", "total_steps"]
   assert run_config(work).optim.lr == 0.001 and before != open(f"{work}/config.json").read()
   _, meta = load_state(work)
@@ -392,6 +391,7 @@ def test_resume_that_changes_the_trajectory_is_refused_unless_allowed_and_record
 
 # ---------------------------------------------------------------- two trainers, signals
 
+@pytest.mark.slow
 @pytest.mark.serial
 def test_second_trainer_refused_within_seconds_and_sigint_saves_a_second_exits_at_once(
     setup, tmp_path, capsys):
