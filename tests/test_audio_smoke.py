@@ -41,8 +41,15 @@ def test_loss_goes_down_on_real_speech(run_dir):
   last = np.mean([r["loss"] for r in rows[-2:]])
   print("audio smoke loss:", [round(r["loss"], 3) for r in rows])
   assert last < 0.85 * first, (first, last)   # means over 5-step windows
-  # not a collapse: instance-normalised targets keep their spread
+  # Instance-normalised targets keep their spread whatever happens (target_var was ~0.8 here
+  # with the collapsing recipe too): finite, not a collapse check.
   assert rows[-1]["target_var"] > 0.5 and np.isfinite(rows[-1]["pred_var"])
+  # The collapse shows in the targets' effective rank (docs/evaluation.md): at step 35,
+  # measured 26.1 with this recipe vs 21.9 with the documented collapsing one (the teacher
+  # reading the student's positional conv: teacher.ema_subtrees=("encoder",)); from 45.4 at
+  # step 5 in both. The gap is still small after 35 steps: asserted > 24.
+  rank = {r["step"]: r["rank_target"] for r in rows if "rank_target" in r}
+  assert rank[5] == pytest.approx(45.4, abs=1.0) and rank[35] > 24.0, rank
 
 
 def test_rerun_resumes_at_the_saved_step(run_dir, capsys):
