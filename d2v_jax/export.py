@@ -15,6 +15,7 @@ training) exports the imported weights unchanged.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -85,8 +86,9 @@ def export(workdir: str, out: str, weights: str = "student", step: int | None = 
   if not writer:
     return out
   hf_map = built.modality.hf()   # a modality without an HF map: one error, nothing written
-  if hasattr(hf_map, "for_config"):   # a model its usual class cannot hold: remote code
-    hf_map = hf_map.for_config(cfg)
+  remote = hf_map.remote_map(cfg) if hasattr(hf_map, "remote_map") else None
+  if remote:   # a model its usual class cannot hold: the map with remote code
+    hf_map = importlib.import_module(remote)
   os.makedirs(out, exist_ok=True)
   hf_common.export(hf_map, params, cfg, out, workdir)
   hf_common.write_json({"workdir": os.path.abspath(workdir), "step": step, "weights": weights,

@@ -21,6 +21,7 @@ picked by config.json's model_type (hf/<modality>.py FAMILIES).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from d2v_jax import console  # noqa: F401  (before jax / TF: quiet console)
@@ -28,12 +29,21 @@ from d2v_jax import console  # noqa: F401  (before jax / TF: quiet console)
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from d2v_jax import build as build_lib, checkpoint, cli, config as config_lib, modality, validate  # noqa: E402
+from d2v_jax import build as build_lib, checkpoint, cli, config as config_lib, modality, rundir, validate  # noqa: E402
 from d2v_jax.data import fairseq_vocab  # noqa: E402
 from d2v_jax.fairseq_io import load as fairseq_load  # noqa: E402
 from d2v_jax.init_weights import init_keys, initial_params, read_hf_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _refuse_existing(workdir: str) -> None:
+  try:
+    step, _ = checkpoint.read_meta(workdir)
+  except checkpoint.NoCheckpoint:
+    return
+  raise config_lib.ConfigError(f"{workdir} already holds a checkpoint (step {step}); choose "
+                               "another --workdir")
 
 
 def write_run(cfg, workdir: str) -> int:
@@ -42,13 +52,7 @@ def write_run(cfg, workdir: str) -> int:
   if not any(init_keys(cfg)) and not cfg.init.fairseq:
     raise config_lib.ConfigError("nothing to import: set --hf DIR (init.hf), --fairseq CKPT "
                                  "(init.fairseq) or init.checkpoint")
-  try:
-    step, _ = checkpoint.read_meta(workdir)
-  except checkpoint.NoCheckpoint:
-    step = None
-  if step is not None:
-    raise config_lib.ConfigError(f"{workdir} already holds a checkpoint (step {step}); choose "
-                                 "another --workdir")
+  _refuse_existing(workdir)
   validate.validate(cfg)        # resolves the architecture from init.hf / init.fairseq
   modality.load(cfg.modality).data.resolve_offline(cfg, workdir)
   built = build_lib.build(cfg)
@@ -106,12 +110,25 @@ def main(argv=None) -> None:
     p.error(f"unknown arguments {bad}")
   if a.vocab and not a.fairseq:
     p.error("--vocab goes with --fairseq (an HF directory carries its own tokenizer)")
+  existed = os.path.isdir(a.workdir)
+  tok_dir = os.path.join(a.workdir, "tokenizer")
+  lock = None
   try:
+    _refuse_existing(a.workdir)
+    problem = rundir.problem(a.workdir, "dir")
+    if problem:
+      raise config_lib.ConfigError(f"cannot write --workdir {a.workdir} ({problem})")
+    os.makedirs(a.workdir, exist_ok=True)
+    # One owner per run directory (d2v_jax/rundir.py), as the trainer: nothing else writes it
+    # while the import does; a directory made for it goes again on an error.
+    lock = rundir.take(a.workdir, jax.process_index(), jax.process_count(), remove_dir=not existed)
     if a.fairseq:
       spec = a.config or _fairseq_config(a.fairseq)
       extra = [f"--config.init.fairseq={a.fairseq}"]
       if a.vocab:
-        tok_dir = os.path.join(a.workdir, "tokenizer")
+        if os.path.exists(tok_dir):
+          raise config_lib.ConfigError(f"{tok_dir} exists; --vocab writes the tokenizer there: "
+                                       "choose another --workdir")
         fairseq_vocab.build_from_dir(a.vocab, tok_dir)
         extra.append(f"--config.data.tokenizer={os.path.abspath(tok_dir)}")
     else:
@@ -121,7 +138,15 @@ def main(argv=None) -> None:
     cfg = fv.config
     write_run(cfg, a.workdir)
   except config_lib.ConfigError as e:
+    if a.vocab and not existed:   # nothing half-written: the tokenizer this call made
+      shutil.rmtree(tok_dir, ignore_errors=True)
+    if lock is not None:
+      lock.release()
+      lock = None
     config_lib.die(str(e))
+  finally:
+    if lock is not None:
+      lock.release()
   if jax.process_index() == 0:
     print(f"wrote {os.path.abspath(a.workdir)}: checkpoint step 0 = {a.hf or a.fairseq} "
           f"({cfg.model.encoder.num_layers} layers x {cfg.model.encoder.hidden}), no training "

@@ -37,7 +37,9 @@ configs/common.base_config, with `modality` set to the name above). The contract
             model_type values it imports), ARCH (config.json field -> our key), PREFIXES, PROBE, HINT,
             ARCHITECTURE, FLAX, table(cfg), check_representable(cfg), hf_config(cfg),
             write_extra(cfg, out_dir, workdir); optional complete / complete_flax /
-            resolve_config for its special cases. d2v_jax/hf/common.py does the walk, the
+            resolve_config for its special cases, and remote_map(cfg) -> the module name of
+            another map (with REMOTE: a modeling file the export copies, loaded with
+            trust_remote_code) for models its usual class cannot hold. d2v_jax/hf/common.py does the walk, the
             shape checks, the export and the import for every modality.
 
 The FLOP model needs nothing per modality: d2v_jax/flops.py counts the embedder's matmuls on

@@ -36,7 +36,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def set_init(cfg, hf: str = "", ckpt: str = ""):
-  cfg.init = ml_collections.ConfigDict(dict(hf=hf, checkpoint=ckpt))
+  cfg.init = ml_collections.ConfigDict(dict(hf=hf, checkpoint=ckpt, fairseq=""))
   return cfg
 
 

@@ -16,8 +16,6 @@ default; the pretraining masking lives in our data pipeline, not in the HF confi
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from d2v_jax.hf import common
@@ -65,12 +63,11 @@ def table(cfg) -> Table:
       layer_prefix="encoder.layers.{i}")
 
 
-def for_config(cfg):
-  """The map that can hold cfg's model: this one, or remote code for ALiBi (audio_alibi.py)."""
-  if cfg.model.alibi:
-    from d2v_jax.hf import audio_alibi  # imports this module: a cycle at import time otherwise
-    return audio_alibi
-  return sys.modules[__name__]
+def remote_map(cfg) -> str | None:
+  """The module of the map that holds cfg's model when this one cannot: remote code for
+  ALiBi (audio_alibi.py, which builds on this map; named, not imported, to keep the import
+  graph acyclic)."""
+  return "d2v_jax.hf.audio_alibi" if cfg.model.alibi else None
 
 
 def check_representable(cfg, alibi_ok: bool = False) -> None:

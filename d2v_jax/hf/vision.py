@@ -7,8 +7,6 @@ is a pretraining module and is not exported, as in the official conversion.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from d2v_jax.hf import common
@@ -48,13 +46,11 @@ def table(cfg) -> Table:
       block=block, layer_prefix="encoder.layer.{i}")
 
 
-def for_config(cfg):
-  """The map that can hold cfg's model: this one, or remote code for fairseq's data2vec 2.0
-  ViT (sin-cos positions, no relative bias: vision_vit.py)."""
-  if cfg.model.pos_embed == "sincos" and not cfg.model.rel_pos_bias:
-    from d2v_jax.hf import vision_vit  # imports this module: a cycle at import time otherwise
-    return vision_vit
-  return sys.modules[__name__]
+def remote_map(cfg) -> str | None:
+  """The module of the map that holds cfg's model when this one cannot: remote code for
+  fairseq's data2vec 2.0 ViT (sin-cos positions, no relative bias: vision_vit.py, which builds
+  on this map; named, not imported, to keep the import graph acyclic)."""
+  return "d2v_jax.hf.vision_vit" if cfg.model.pos_embed == "sincos" and not cfg.model.rel_pos_bias else None
 
 
 def check_representable(cfg) -> None:
