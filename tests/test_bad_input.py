@@ -169,7 +169,8 @@ def test_corrupt_image_stops_with_its_name(tmp_path):
   with Unchanged(run, str(mixed)):
     with pytest.raises(config_lib.ConfigError) as e:
       train.run(parse(vision_args(str(mixed), total_steps=4,
-                                  **{"data.on_bad_image": "stop"})), run)
+                                  **{"data.on_bad_image": "stop",
+                                     "resume_allow_changes": "total_steps,data"})), run)
   msg = str(e.value)
   assert msg.startswith(f"bad image {bad}: ") and "\n" not in msg
   assert msg.endswith("; fix or remove it, or set --config.data.on_bad_image=skip")
@@ -184,7 +185,7 @@ def test_unreadable_audio_file_is_named(tmp_path):
   bad.write_bytes(b"this is not audio " * 50)
   with Unchanged(run, str(tmp_path / "wavs")):
     with pytest.raises(config_lib.ConfigError) as e:
-      train.run(parse(audio_args(wavs, total_steps=4)), run)
+      train.run(parse(audio_args(wavs, total_steps=4, resume_allow_changes="total_steps")), run)
   # Not RIFF, so it goes to ffmpeg (or: "ffmpeg is not installed ..." where it is missing).
   msg = str(e.value)
   assert msg.startswith(f"bad audio file {bad}: cannot be read (") and "\n" not in msg, msg
