@@ -47,7 +47,7 @@ def text_args(setup: dict, **overrides) -> list[str]:
   keys = {"data.path": setup["corpus"], "data.tokenizer": setup["tokenizer"],
           "data.cache_dir": setup["cache"], "data.block_size": 32, "batch_size": 8,
           "total_steps": 8, "checkpoint_every": 4, "log_every": 1, "optim.warmup_steps": 2,
-          "keep_checkpoints": 5}
+          "keep_checkpoints": 5, "scaling.reference_batch": 0}   # batch 8 as given: no rescaling
   keys.update(overrides)
   return ["--config", "configs/text.py:variant=tiny,runlocal"] + [
       f"--config.{k}={v}" for k, v in keys.items()]
@@ -84,8 +84,10 @@ def write_wavs(out_dir: str, n: int = 8, seconds: float = 1.0, rate: int = 16_00
 
 
 # A short run of a tiny runlocal config: 4 steps, a checkpoint every 2, every step logged.
+# The short runs give batch_size on the command line: scaling.reference_batch=0 keeps the
+# runlocal recipe's lr / EMA as they are (no batch-size scaling, d2v_jax/scaling.py).
 SHORT_RUN = {"batch_size": 8, "total_steps": 4, "checkpoint_every": 2, "log_every": 1,
-             "keep_checkpoints": 5}
+             "keep_checkpoints": 5, "scaling.reference_batch": 0}
 
 
 def _short_run_args(modality: str, data_keys: dict, overrides: dict) -> list[str]:
