@@ -7,7 +7,7 @@
                               optionally, pkg/sub/hf.py (a worked example: tests/test_fourth_modality.py)
 
 plus a config file (`configs/<m>.py` or anywhere: get_config(arg) -> ConfigDict built on
-configs/common.base_config, with `modality` set to the name above). The contract:
+d2v_jax/recipe.base_config, with `modality` set to the name above). The contract:
 
   model   build(cfg) -> flax embedder module with
             __call__(batch, *, student: bool, deterministic: bool)

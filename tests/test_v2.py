@@ -132,7 +132,7 @@ def _example(built, batch_size=None):
 
 
 def _student(built, params, batch):
-  model, cfg = built.model, built.cfg
+  model = built.model
   x, valid = model.apply({"params": params}, batch, method=model.local)
   m = batch["mask"].shape[1]
   rep = lambda a: None if a is None else jnp.repeat(a, m, axis=0)
@@ -293,7 +293,8 @@ def test_decoder_shapes_and_residual_rule():
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("v2.decoder.layers", 0, "v2.decoder.layers=0 must be >= 1: the conv blocks carry the visible tokens to the masked positions"),
+    ("v2.decoder.layers", 0,
+     "v2.decoder.layers=0 must be >= 1: the conv blocks carry the visible tokens to the masked positions"),
     ("v2.decoder.groups", 3, "v2.decoder: dim=64 must be a positive multiple of groups=3 and kernel=9 >= 1"),
     ("v2.mask_prob", 1.0, "v2.mask_prob=1.0 must be in (0, 1): some tokens masked, some visible"),
     ("v2.clone_batch", 0, "v2.clone_batch=0 must be >= 1"),
