@@ -246,10 +246,10 @@ def test_teacher_runs_once_per_example_and_clones_share_targets():
   b, m, t = batch["mask"].shape
   fwd = lambda p: objectives.v2(built.model, p, state.teacher, batch, jax.random.PRNGKey(0), cfg)
   loss, aux = fwd(state.params)
-  y = np.asarray(aux["target"]).reshape(b, m, t, -1)
+  y = np.asarray(aux.target).reshape(b, m, t, -1)
   for j in range(1, m):
     np.testing.assert_array_equal(y[:, j], y[:, 0])
-  assert aux["top"].shape[1] == b        # the teacher's layers: B rows, not B x M
+  assert aux.top.shape[1] == b        # the teacher's layers: B rows, not B x M
   # In the traced program, attention logits [rows, heads, q, k] appear for B rows at the full
   # length (teacher) and for B x M rows at the K visible tokens (student), nothing else.
   jaxpr = jax.make_jaxpr(fwd)(state.params)
@@ -393,7 +393,7 @@ def test_v2_loss_equals_a_reference_over_clones_and_cls():
   want_cls = want + 0.5 * cls.mean()
   assert cls.mean() > 0.05 * want                 # the CLS term is no rounding error
   np.testing.assert_allclose(float(loss), want_cls, rtol=1e-5)
-  assert float(aux["n_masked"]) == mask.sum()
+  assert float(aux.n_masked) == mask.sum()
   # positive controls: the same reference with the targets of another image, or over every
   # position, is far from the loss
   shifted = (_smooth_l1_rows(pred, np.roll(y, 1, 0)[:, None], lc.beta, lc.reduce_dims,
