@@ -209,7 +209,8 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
     """Fetches a step's metrics (one step late, so the host never stalls), runs the guards
     and logs the mean over the last log_every steps."""
     s, m, positions, _ = pending
-    m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
+    with jax.transfer_guard("disallow"):
+      m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
     if pid == 0 and not resolved_written:
       # Written once a step of this launch has run: a launch rejected at start-up (config
       # that does not fit the checkpoint, unreadable data) leaves the run directory as it was.
@@ -241,7 +242,11 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
       if dispatched:
         local = next(data)
         data_pos += 1
-        state, m = built.step(state, build_lib.to_global(local, built.batch_shardings))
+        # The step runs with implicit host <-> device copies refused (big_vision does the same):
+        # the batch goes to the devices explicitly (to_global), the metrics come back
+        # explicitly (flush's device_get), and an accidental transfer fails loudly.
+        with jax.transfer_guard("disallow"):
+          state, m = built.step(state, build_lib.to_global(local, built.batch_shardings))
         step += 1
         if votes is not None:
           vote = votes.start(preempted.flag)
