@@ -43,14 +43,9 @@ decodes to data/audio/prompts/*.wav; 2 s crops, clips under 1 s left out.
 
 from __future__ import annotations
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import ml_collections  # noqa: E402
-
-import common  # noqa: E402
+from d2v_jax import recipe
 
 SIZES = {
     # layers, hidden, heads, mlp, conv channels, pos-conv groups
@@ -63,10 +58,10 @@ LOCAL_AUDIO = "data/audio/prompts/*.wav"  # relative to the repo root; written b
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, variant="base")
+  args = recipe.parse_arg(arg, variant="base")
   if args["variant"] not in SIZES:
     raise ValueError(f"unknown variant {args['variant']!r}; valid: {sorted(SIZES)}")
-  c = common.base_config("audio")
+  c = recipe.base_config("audio")
   layers, hidden, heads, mlp, conv, groups = SIZES[args["variant"]]
 
   c.model = ml_collections.ConfigDict()
@@ -89,13 +84,13 @@ def get_config(arg: str | None = None):
   # use_alibi_encoder): off by default so the export is an ordinary Data2VecAudioModel; on,
   # released v2 audio checkpoints import exactly and export with remote code (docs/fairseq.md).
   c.model.alibi = False
-  c.model.encoder = common.encoder(layers, hidden, heads, mlp, pre_ln=False, input_norm=True,
+  c.model.encoder = recipe.encoder(layers, hidden, heads, mlp, pre_ln=False, input_norm=True,
                                    layer_norm_eps=1e-5, dropout=0.1, attention_dropout=0.1,
                                    activation_dropout=0.0, layerdrop=0.05)
 
   c.teacher.ema_subtrees = ("encoder",)   # conv front end + positional conv are shared
   c.teacher.share_local = True            # the teacher reads the student's conv features
-  common.tau_schedule(c, 0.999, 0.9999, 30_000)
+  recipe.tau_schedule(c, 0.999, 0.9999, 30_000)
 
   c.target.top_k = min(8, layers)
   c.target.layer_output = "ffn"
@@ -140,7 +135,7 @@ def get_config(arg: str | None = None):
   c.data.threads = 0                 # tf.data private threadpool size; 0 = TF default
 
   if args["runlocal"]:
-    common.runlocal(c, steps=300, batch=8)
+    recipe.runlocal(c, steps=300, batch=8)
     c.data.source = "files"
     c.data.path = LOCAL_AUDIO
     c.data.audio_key = "audio"
@@ -150,7 +145,7 @@ def get_config(arg: str | None = None):
     c.optim.lr = 1e-3
     c.model.encoder.layerdrop = 0.0
     c.checkpoint_every = 100
-    common.tau_schedule(c, 0.99, 0.999, 300)
+    recipe.tau_schedule(c, 0.99, 0.999, 300)
     # The teacher keeps its own EMA of the positional conv (as data2vec 2.0 audio does) instead
     # of reading the student's live one. With the pos conv shared, the tiny student shrinks the
     # time-varying part of its local features 5-12x, the encoder input (student's and teacher's)
@@ -163,7 +158,7 @@ def get_config(arg: str | None = None):
     c.guards.min_pred_var = 0.0
   if args["v2"]:
     v2(c, layers, hidden, runlocal=args["runlocal"])
-  return common.finish(c, args)
+  return recipe.finish(c, args)
 
 def v2(c, layers: int, hidden: int, runlocal: bool) -> None:
   """data2vec 2.0 (fairseq config/v2/base_audio_only_task.yaml, docs/algorithm.md §3.7, §3.9) on
@@ -175,17 +170,17 @@ def v2(c, layers: int, hidden: int, runlocal: bool) -> None:
   the top 8 blocks; L2 x 1/sqrt(D); the teacher reads the student's conv features and EMAs
   the positional conv and the blocks; EMA 0.999 -> 0.99999 over 75k; Adam(0.9, 0.98, eps
   1e-6) wd 0.01 lr 7.5e-4, 8k warm-up + cosine, no clipping, 400k updates."""
-  common.v2_recipe(c, clones=8, mask_prob=0.5, mask_adjust=0.05, mask_length=5,
+  recipe.v2_recipe(c, clones=8, mask_prob=0.5, mask_adjust=0.05, mask_length=5,
                    decoder=dict(kind="1d", dim=hidden // 2, kernel=7, groups=16, layers=4,
                                 residual=True, proj_layers=1, input_dropout=0.1))
   c.teacher.ema_subtrees = ("encoder", "embed/pos_conv_*")
   c.teacher.share_local = True
-  common.targets_and_loss(c, top_k=min(8, layers), layer_output="ffn", layer_norm="instance",
+  recipe.targets_and_loss(c, top_k=min(8, layers), layer_output="ffn", layer_norm="instance",
                           final_norm="none", beta=0.0, scale=None, reduce_dims="sum")
   if runlocal:
     c.v2.clone_batch = 4
     c.v2.decoder.layers = 3
     return
-  common.tau_schedule(c, 0.999, 0.99999, 75_000)
+  recipe.tau_schedule(c, 0.999, 0.99999, 75_000)
   c.optim.update(dict(lr=7.5e-4, schedule="cosine", warmup_steps=8_000, clip=0.0,
                       init_lr_scale=0.0, final_lr_scale=0.0))

@@ -64,14 +64,9 @@ fairseq's weighting.
 
 from __future__ import annotations
 
-import os
-import sys
+from ml_collections import config_dict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from ml_collections import config_dict  # noqa: E402
-
-import common  # noqa: E402
+from d2v_jax import recipe
 
 SIZES = {
     # layers, hidden, heads, mlp
@@ -101,10 +96,10 @@ def epochs_to_steps(epochs: float, batch: int, examples: int = IMAGENET_TRAIN) -
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, variant="base")
+  args = recipe.parse_arg(arg, variant="base")
   if args["variant"] not in SIZES:
     raise ValueError(f"variant={args['variant']!r}: use one of {sorted(SIZES)}")
-  c = common.base_config("vision")
+  c = recipe.base_config("vision")
   layers, hidden, heads, mlp = SIZES[args["variant"]]
   large = args["variant"] == "large"
 
@@ -120,14 +115,14 @@ def get_config(arg: str | None = None):
   # final_norm=False). Only the BEiT form exports to Data2VecVisionModel.
   c.model.rel_pos_bias = True
   c.model.pos_embed = "none"           # none | sincos
-  c.model.encoder = common.encoder(
+  c.model.encoder = recipe.encoder(
       layers, hidden, heads, mlp, pre_ln=True, layer_norm_eps=1e-6, dropout=0.0,
       attention_dropout=0.15 if large else 0.05, activation_dropout=0.0,
       drop_path=0.2 if large else 0.25, layer_scale=1e-5 if large else 1e-4, key_bias=False,
       final_norm=True)
 
   c.teacher.ema_subtrees = ("embed", "encoder")   # everything but the head; nothing shared
-  common.tau_schedule(c, 0.9998, 0.9998, 0)       # constant (DV --ema_start_at 0)
+  recipe.tau_schedule(c, 0.9998, 0.9998, 0)       # constant (DV --ema_start_at 0)
 
   c.target.top_k = min(6, layers) if layers >= 12 else max(1, layers // 2)
   c.target.layer_output = "end"
@@ -173,7 +168,7 @@ def get_config(arg: str | None = None):
   c.data.threads = 0                   # tf.data private thread pool; 0: tf.data default
 
   if args["runlocal"]:
-    common.runlocal(c, steps=300, batch=16)
+    recipe.runlocal(c, steps=300, batch=16)
     c.model.image_size = 64
     c.model.patch_size = 8             # 8 x 8 = 64 patches, 39 masked
     c.model.encoder.drop_path = 0.1
@@ -183,19 +178,19 @@ def get_config(arg: str | None = None):
     c.data.shuffle_buffer = 256
     c.optim.lr = 1e-3
     c.optim.init_lr_scale, c.optim.final_lr_scale = 0.0, 0.01
-    common.tau_schedule(c, 0.99, 0.999, 300)
+    recipe.tau_schedule(c, 0.99, 0.999, 300)
   if args["v2"]:
     v2(c, layers, runlocal=args["runlocal"])
-  return common.finish(c, args)
+  return recipe.finish(c, args)
 
 def v2(c, layers: int, runlocal: bool) -> None:
   hidden = c.model.encoder.hidden
-  common.v2_recipe(c, clones=16, mask_prob=0.8, mask_adjust=0.07, mask_length=3,
+  recipe.v2_recipe(c, clones=16, mask_prob=0.8, mask_adjust=0.07, mask_length=3,
                    decoder=dict(kind="2d", dim=hidden, kernel=3, groups=16, layers=6,
                                 residual=True, proj_layers=1, input_dropout=0.0),
                    cls_loss=0.0)   # fairseq: 0.01 x 256; off here, see the docstring
   c.model.encoder.update(dict(dropout=0.0, attention_dropout=0.0, drop_path=0.0))
-  common.targets_and_loss(c, top_k=min(10, layers) if layers >= 12 else max(1, layers - 1),
+  recipe.targets_and_loss(c, top_k=min(10, layers) if layers >= 12 else max(1, layers - 1),
                           layer_output="ffn", layer_norm="instance", final_norm="layer",
                           beta=0.0, scale=None, reduce_dims="sum")   # L2 x 1 / sqrt(D)
   c.data.crop_scale = (0.2, 1.0)
@@ -206,7 +201,7 @@ def v2(c, layers: int, runlocal: bool) -> None:
     c.batch_size = 8                     # x 4 clones; 64 patches, 12 visible
     c.optim.update(dict(b2=0.95, clip=4.0))
     return
-  common.tau_schedule(c, 0.9998, 0.99999, 100_000)
+  recipe.tau_schedule(c, 0.9998, 0.99999, 100_000)
   c.batch_size = 256
   c.total_steps = 375_300
   c.optim.update(dict(lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, clip=4.0,

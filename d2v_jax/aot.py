@@ -113,7 +113,7 @@ def resolve_for_compile(cfg) -> None:
 def _oom_message(err: Exception) -> str | None:
   text = str(err)
   if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower():
-    line = next((l for l in text.splitlines() if "memory" in l.lower()), text.splitlines()[0])
+    line = next((ln for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0])
     return line.strip()[:300]
   return None
 

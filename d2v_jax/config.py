@@ -151,7 +151,7 @@ def write_resolved(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 # Keys added after runs were written, with the value that reproduces how such a run trained:
 # a config read back from an older run (config.json, checkpoint meta) gets them here, so code
 # reads every key directly. A modality's own keys: LATE_DEFAULTS of its data module. New runs
-# take their values from the config files (configs/common.py and the modality's file).
+# take their values from the config files (d2v_jax/recipe.py and the modality's file).
 LATE_DEFAULTS = {
     "objective": "v1",
     "resume_strict": False,

@@ -3,7 +3,8 @@
 tau(n) = tau_end - (tau_end - tau_start) * (1 - n / anneal_steps) for n < anneal_steps,
 tau_end afterwards (fairseq `get_annealed_rate`); anneal_steps <= 0 or tau_start == tau_end
 gives a constant tau (data2vec_vision). n is the number of updates INCLUDING the one just
-applied (fairseq calls set_num_updates(n) after the optimizer step, then steps the EMA). The update runs in float32 on each shard of the
+applied (fairseq calls set_num_updates(n) after the optimizer step, then steps the EMA). The
+update runs in float32 on each shard of the
 teacher tree (same sharding as the student subtree it mirrors: no gathers).
 """
 

@@ -130,28 +130,23 @@ def rank_metrics(pred, target, mask, *, every: int = 1, step=None) -> dict:
   return {"rank_target": rt, "rank_pred": rp}
 
 
-def step_metrics(*, pred, target, mask, top, valid, teacher, student_view, cfg,
-                 features=None, features_valid=None, step=None, top_mask=None) -> dict:
-  """The health metrics train_step adds to its metrics dict (all scalars).
-
-  Optional: `features` [B, T, C], the local encoder's output (audio: the conv feature
-  extractor's frames), with `features_valid` [B, T] (default: `valid` when its shape fits,
-  else every frame) -> feature_var; `step` (the state's step before the update) for
-  eval.step_rank_every > 1.
+def step_metrics(aux, *, teacher, student_view, cfg, step=None) -> dict:
+  """The health metrics train_step adds to its metrics dict (all scalars), from the
+  objective's outputs `aux` (objectives.Aux): per-layer target stds on the B teacher rows'
+  loss positions (`top_mask`: in data2vec 2.0 one clone's mask, since pred / target / mask
+  have B x M rows), prediction / target cosine, teacher distance, in-step ranks (`step`: the
+  state's step before the update, for eval.step_rank_every > 1) and, when the objective
+  shares local features (audio: the conv frames), their variance over time.
   """
-  # top_mask [B, T]: the loss positions of the B teacher rows (data2vec 2.0: one clone's mask,
-  # since pred / target / mask there have B x M rows).
-  stds = layer_target_std(top, valid, mask if top_mask is None else top_mask, cfg.target.layer_norm)
-  names = layer_names(cfg.model.encoder.num_layers, top.shape[0])
+  stds = layer_target_std(aux.top, aux.valid, aux.top_mask, cfg.target.layer_norm)
+  names = layer_names(cfg.model.encoder.num_layers, aux.top.shape[0])
   out = {name: stds[i] for i, name in enumerate(names)}
-  out["pred_target_cos"] = masked_cosine(pred, target, mask)
+  out["pred_target_cos"] = masked_cosine(aux.pred, aux.target, aux.mask)
   out["teacher_dist"] = relative_distance(teacher, student_view)
   every = int(cfg.eval.step_rank_every)
   if every:
-    out.update(rank_metrics(pred, target, mask, every=every, step=step))
-  if features is not None:
-    fv = features_valid
-    if fv is None and valid is not None and tuple(valid.shape) == tuple(features.shape[:2]):
-      fv = valid
-    out["feature_var"] = masked_channel_var(features, fv)
+    out.update(rank_metrics(aux.pred, aux.target, aux.mask, every=every, step=step))
+  if aux.features is not None:
+    x, fv = aux.features
+    out["feature_var"] = masked_channel_var(x, fv)
   return out

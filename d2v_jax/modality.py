@@ -7,7 +7,7 @@
                               optionally, pkg/sub/hf.py (a worked example: tests/test_fourth_modality.py)
 
 plus a config file (`configs/<m>.py` or anywhere: get_config(arg) -> ConfigDict built on
-configs/common.base_config, with `modality` set to the name above). The contract:
+d2v_jax/recipe.base_config, with `modality` set to the name above). The contract:
 
   model   build(cfg) -> flax embedder module with
             __call__(batch, *, student: bool, deterministic: bool)
@@ -51,11 +51,71 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import types
+from typing import Protocol, TypedDict
+
+import numpy as np
 
 from d2v_jax.config import ConfigError
 
 BUILT_IN = ("text", "vision", "audio")
+
+
+class Batch(TypedDict, total=False):
+  """The keys a modality's batches carry (numpy on the host, jax.Array on device); the leading
+  dimension is the batch. `mask` is every modality's; the rest are the modality's own."""
+  mask: np.ndarray       # bool [B, T] (1.0) or [B, M, T] (2.0: M clones): loss positions
+  visible: np.ndarray    # int32 [B, M, K] (2.0): the ascending unmasked positions, K static
+  source: np.ndarray     # text: int32 [B, T] token ids (the teacher's view)
+  student: np.ndarray    # text 1.0: int32 [B, T] the masked ids the student reads
+  image: np.ndarray      # vision: float32 [B, H, W, C] normalised
+  audio: np.ndarray      # audio: float32 [B, S] normalised samples
+  audio_len: np.ndarray  # audio: int32 [B] real samples per row
+
+
+class Embedder(Protocol):
+  """What models/<m>.py build(cfg) returns: a flax module. 1.0 needs __call__; a teacher that
+  reads the student's local features (teacher.share_local) needs local + context (context
+  taking `mask` for 1.0: it inserts the mask itself); 2.0 needs local + visible, and its 2-D
+  decoder a `grid`. validate() checks what the config needs (check_embedder)."""
+  num_extra_tokens: int
+
+  def __call__(self, batch: Batch, *, student: bool, deterministic: bool): ...
+
+  def local(self, batch: Batch, *, student: bool = False, deterministic: bool = True): ...
+
+  def context(self, x, valid, *, deterministic: bool = True, mask=None): ...
+
+  def visible(self, x, valid, mask, visible, *, deterministic: bool): ...
+
+
+# The functions a modality's model / data modules must define (the contract above).
+REQUIRED = {"model": ("build",),
+            "data": ("prepare", "resolve_offline", "validate", "build_dataset", "example_batch",
+                     "synthetic_batch", "labelled_set")}
+
+
+def check_embedder(cfg, embed) -> list[tuple[bool, str]]:
+  """(ok, message) checks that the embedder has what cfg's objective and teacher use."""
+  cls = type(embed)
+  needs = ["__call__"]
+  if cfg.objective == "v2":
+    needs += ["local", "visible"]
+  if cfg.teacher.share_local:
+    needs += ["local", "context"]
+  out = [(hasattr(cls, n), f"modality {cfg.modality!r}: its embedder {cls.__name__} has no "
+          f"{n}() (needed by objective={cfg.objective!r}, teacher.share_local="
+          f"{bool(cfg.teacher.share_local)}; d2v_jax/modality.py Embedder)") for n in dict.fromkeys(needs)]
+  if cfg.objective == "v1" and cfg.teacher.share_local and hasattr(cls, "context"):
+    takes_mask = "mask" in inspect.signature(cls.context).parameters
+    out.append((takes_mask, f"teacher.share_local=True with objective v1: {cls.__name__}.context() "
+                "takes no mask (this modality masks its input, not its local features); set "
+                "teacher.share_local=False"))
+  if cfg.objective == "v2" and cfg.v2.decoder.kind == "2d":
+    out.append((bool(getattr(embed, "grid", 0)), f"v2.decoder.kind=2d needs a patch grid: "
+                f"{cls.__name__} has no `grid`; use v2.decoder.kind=1d"))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +152,11 @@ def load(name: str) -> Modality:
   except ModuleNotFoundError as e:
     raise ConfigError(f"unknown modality {name!r} ({e}); built in: {', '.join(BUILT_IN)}, or an "
                       "importable package with model.py and data.py (d2v_jax/modality.py)") from None
+  for part, module in (("model", model), ("data", data)):
+    missing = [f for f in REQUIRED[part] if not callable(getattr(module, f, None))]
+    if missing:
+      raise ConfigError(f"modality {name!r}: {module.__name__} lacks {missing}, which the contract "
+                        "needs (d2v_jax/modality.py)")
   has_hf = importlib.util.find_spec(hf_path) is not None if name not in BUILT_IN else True
   return Modality(name, model, data, hf_path if has_hf else "")
 

@@ -2,9 +2,7 @@
 
 An objective is one function `forward(model, params, teacher, batch, rng, cfg) -> (loss, aux)`
 chosen by `cfg.objective`; d2v_jax/step.py differentiates it and does the rest (optimizer,
-EMA, metrics) the same way for both. `aux` holds what the metrics read: pred / target / mask
-at the loss positions ([N, T, D] / [N, T, D] / [N, T]), the raw top-K teacher layers `top`
-[K, B, T, D] with their `valid` and `top_mask` [B, T], and the local encoder's `features`.
+EMA, metrics) the same way for both. `aux` is an `Aux`: what the metrics read.
 
 v1 (data2vec 1.0, docs/algorithm.md §1): the teacher encodes the unmasked input, the student the
   masked input (mask token / masked ids / mask embedding), a regression head predicts the
@@ -21,12 +19,27 @@ With `teacher.share_local` (audio; v2 text) the teacher reads the student's loca
 
 from __future__ import annotations
 
+import flax
 import jax
 import jax.numpy as jnp
 
 from d2v_jax import ema, targets as T
 from d2v_jax.config import ConfigError
 from d2v_jax.models.transformer import constrain
+
+
+@flax.struct.dataclass
+class Aux:
+  """What an objective hands the step besides the loss (shapes: N student rows = B for v1,
+  B x M clones for v2; B teacher rows; K target layers)."""
+  pred: jax.Array              # [N, T, D] the student's predictions at every position
+  target: jax.Array            # [N, T, D] the targets, row-aligned with pred
+  mask: jax.Array              # [N, T] bool: the positions the loss covers
+  n_masked: jax.Array          # scalar: mask.sum()
+  top: jax.Array               # [K, B, T, D] the teacher's raw top-K layer outputs
+  valid: jax.Array | None      # [B, T] bool: real (not padded) positions, None = all
+  top_mask: jax.Array          # [B, T] bool: the loss positions of the B teacher rows
+  features: tuple | None       # (x [B, T, C], valid) the shared local features, or None
 
 
 def _teacher(model, params, teacher, batch, cfg, local=None):
@@ -76,8 +89,8 @@ def v1(model, params, teacher, batch, rng, cfg):
   pred = out["pred"][:, n_extra:]
   loss, n = T.regression_loss(pred, y, mask, beta=cfg.loss.beta, scale=cfg.loss.scale,
                               reduce_dims=cfg.loss.reduce_dims)
-  return loss, dict(pred=pred, target=y, mask=mask, n_masked=n, top=top, valid=tvalid,
-                    top_mask=mask, features=features)
+  return loss, Aux(pred=pred, target=y, mask=mask, n_masked=n, top=top, valid=tvalid,
+                   top_mask=mask, features=features)
 
 
 def _repeat(x, m: int):
@@ -114,9 +127,9 @@ def v2(model, params, teacher, batch, rng, cfg):
     cls = T.per_row_loss(out["extra"][:, 0], cls_target, beta=cfg.loss.beta, scale=cfg.loss.scale,
                          reduce_dims=cfg.loss.reduce_dims)
     loss = loss + cls_w * cls.mean()
-  return loss, dict(pred=pred, target=y_rep, mask=loss_mask, n_masked=n, top=top, valid=tvalid,
-                    top_mask=mask3[:, 0] if tvalid is None else mask3[:, 0] & tvalid,
-                    features=(x, valid) if share_local(cfg) else None)
+  return loss, Aux(pred=pred, target=y_rep, mask=loss_mask, n_masked=n, top=top, valid=tvalid,
+                   top_mask=mask3[:, 0] if tvalid is None else mask3[:, 0] & tvalid,
+                   features=(x, valid) if share_local(cfg) else None)
 
 
 OBJECTIVES = {"v1": v1, "v2": v2}

@@ -51,8 +51,6 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
   new_state = state.replace(
       step=state.step + 1, params=keep(params, state.params), teacher=keep(teacher, state.teacher),
       opt_state=keep(opt_state, state.opt_state))
-  pred, y, mask = aux["pred"], aux["target"], aux["mask"]
-  feats = aux.get("features")
   with jax.named_scope("metrics"):
     metrics = {
         "loss": loss,
@@ -60,16 +58,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, cfg):
         "tau": tau,
         "grad_norm": grad_norm,
         "param_norm": _global_norm(new_state.params),
-        "target_var": T.masked_std_mean(y, mask),
-        "pred_var": T.masked_std_mean(pred, mask),
-        "masked_frac": aux["n_masked"] / mask.size,
+        "target_var": T.masked_std_mean(aux.target, aux.mask),
+        "pred_var": T.masked_std_mean(aux.pred, aux.mask),
+        "masked_frac": aux.n_masked / aux.mask.size,
         "nonfinite": 1 - finite.astype(jnp.int32),
-        **health.step_metrics(pred=pred, target=y, mask=mask, top=aux["top"], valid=aux["valid"],
-                              top_mask=aux["top_mask"], teacher=new_state.teacher,
+        **health.step_metrics(aux, teacher=new_state.teacher,
                               student_view=ema.select_like(new_state.params, new_state.teacher),
-                              cfg=cfg, step=state.step,
-                              features=None if feats is None else feats[0],
-                              features_valid=None if feats is None else feats[1]),
+                              cfg=cfg, step=state.step),
     }
   return new_state, metrics
 

@@ -22,7 +22,7 @@ from absl import flags  # noqa: E402
 
 from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed, drift  # noqa: E402
 from d2v_jax import eval_hook, init_weights, metrics as metrics_lib, resume, rundir, sharding  # noqa: E402
-from d2v_jax import validate, watchdog  # noqa: E402
+from d2v_jax import hooks, validate, watchdog  # noqa: E402
 from d2v_jax.models import attention  # noqa: E402
 from d2v_jax.modality import load as load_modality  # noqa: E402
 
@@ -94,25 +94,6 @@ class _Preempted:
   def restore(self) -> None:
     for sig, prev in self._prev.items():
       signal.signal(sig, prev)
-
-
-def _fault(point: str, step: int, saver=None) -> None:
-  """Crash injection for the resume tests: D2V_TEST_KILL=after_step:N kills this process with
-  SIGKILL after step N (once the save in flight is on disk, i.e. between checkpoints);
-  D2V_TEST_KILL=in_save:N kills it right after the async save of step N was started;
-  D2V_TEST_KILL=sigterm_after_step:N sends this process SIGTERM after step N (preemption of
-  one process of several, at a known step)."""
-  want = os.environ.get("D2V_TEST_KILL")
-  if want and point == "after_step" and want == f"sigterm_after_step:{step}":
-    print(f"D2V_TEST_KILL: SIGTERM at {want}", flush=True)
-    os.kill(os.getpid(), signal.SIGTERM)
-    return
-  if not want or want != f"{point}:{step}":
-    return
-  if point == "after_step" and saver is not None:
-    saver.poll(block=True)
-  print(f"D2V_TEST_KILL: SIGKILL at {want}", flush=True)
-  os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run(cfg, workdir: str, *, devices=None, preempted: _Preempted | None = None) -> dict:
@@ -228,7 +209,8 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
     """Fetches a step's metrics (one step late, so the host never stalls), runs the guards
     and logs the mean over the last log_every steps."""
     s, m, positions, _ = pending
-    m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
+    with jax.transfer_guard("disallow"):
+      m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
     if pid == 0 and not resolved_written:
       # Written once a step of this launch has run: a launch rejected at start-up (config
       # that does not fit the checkpoint, unreadable data) leaves the run directory as it was.
@@ -260,7 +242,11 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
       if dispatched:
         local = next(data)
         data_pos += 1
-        state, m = built.step(state, build_lib.to_global(local, built.batch_shardings))
+        # The step runs with implicit host <-> device copies refused (big_vision does the same):
+        # the batch goes to the devices explicitly (to_global), the metrics come back
+        # explicitly (flush's device_get), and an accidental transfer fails loudly.
+        with jax.transfer_guard("disallow"):
+          state, m = built.step(state, build_lib.to_global(local, built.batch_shardings))
         step += 1
         if votes is not None:
           vote = votes.start(preempted.flag)
@@ -305,13 +291,13 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
       if dispatched and (step % cfg.checkpoint_every == 0 or step == cfg.total_steps):
         if guards.healthy or step == cfg.total_steps:
           if saver.save(step, state, meta()):
-            _fault("in_save", step)
+            hooks.call("save_started", step, saver)
         elif pid == 0:
           print(f"warning: not saving step {step} during a non-finite / collapse incident "
                 f"(latest checkpoint: {saver.latest_step()})", file=sys.stderr, flush=True)
       saver.poll()
       if dispatched:
-        _fault("after_step", step, saver)
+        hooks.call("after_step", step, saver)
       if stopping and pending is None:
         sig = preempted.name
         if nproc > 1:   # every process says so: the tests check they agree

@@ -19,7 +19,7 @@ import math
 
 from d2v_jax import config as config_lib, init_weights, metrics, objectives, optim, scaling
 from d2v_jax.config import ConfigError
-from d2v_jax.modality import load as load_modality
+from d2v_jax.modality import check_embedder, load as load_modality
 from d2v_jax.probe.features import layer_index
 
 NORMS = ("layer", "instance", "none")
@@ -34,6 +34,13 @@ def validate(cfg) -> None:
     if not ok:
       raise ConfigError(msg)
   mod.data.validate(cfg)
+  try:
+    embed = mod.model.build(cfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for ok, msg in check_embedder(cfg, embed):
+    if not ok:
+      raise ConfigError(msg)
 
 
 def _finite(cfg) -> list[tuple[bool, str]]:

@@ -77,8 +77,8 @@ def our_side(built, state, batch: dict, layout) -> Side:
     return fwd(model, p, state.teacher, b, rng, cfg)
   (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
   y, _ = jax.jit(lambda p, t: step_lib.teacher_targets(model, p, t, b, cfg))(state.params, state.teacher)
-  mask = np.asarray(aux["mask"])
-  pred = np.asarray(aux["pred"])[mask]
+  mask = np.asarray(aux.mask)
+  pred = np.asarray(aux.pred)[mask]
   return Side(targets=np.asarray(y), pred=pred, loss=float(loss),
               grads=convert.to_state(layout, jax.device_get(grads), fold=False))
 

@@ -11,7 +11,8 @@ workarounds, all applied here and nowhere else (the package never imports fairse
   fairseq's configs use throughout (D2vDecoderConfig, TransformerConfig, ...): while fairseq
   is imported, every new dataclass gets identity hashing;
 * modules fairseq imports but never runs in a model forward (torchvision, torchaudio,
-  bitarray, sacrebleu, timm.data: its datasets' augmentations) are empty stand-ins; sacrebleu reports 1.5 so fairseq takes its
+  bitarray, sacrebleu, timm.data: its datasets' augmentations) are empty stand-ins; sacrebleu
+  reports 1.5 so fairseq takes its
   built-in tokenizer list;
 * timm: a faithful shim of the four pieces the data2vec models use (`Mlp`, `DropPath`,
   `PatchEmbed`, `to_2tuple`), written from timm's definitions (parameter names fc1 / fc2 /

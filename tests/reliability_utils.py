@@ -128,7 +128,10 @@ def train_cmd(args: list[str], workdir: str) -> list[str]:
 
 
 def env(**extra) -> dict:
-  e = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  """A trainer subprocess's environment: CPU, the repo importable, and tests/fault_site (its
+  sitecustomize installs tests/faults.py when D2V_TEST_KILL is set)."""
+  site = os.path.join(ROOT, "tests", "fault_site")
+  e = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([site, ROOT])}
   e.update({k: str(v) for k, v in extra.items()})
   return e
 

@@ -233,7 +233,8 @@ def test_bad_files_name_their_path(prompts, tmp_path):
   d.mkdir()
   x = _read_wav(prompts[0])
   _write_wav(str(d / "slow.wav"), x[::2], 8000)
-  with pytest.raises(ConfigError, match=r"slow\.wav has sample rate 8000 Hz but data\.sample_rate=16000.*on_bad_rate=resample"):
+  with pytest.raises(ConfigError,
+                     match=r"slow\.wav has sample rate 8000 Hz but data\.sample_rate=16000.*on_bad_rate=resample"):
     audio.index(_cfg(str(d / "*.wav"), min_samples=0), None)
   cfg = _cfg(str(d / "*.wav"), min_samples=0, on_bad_rate="resample", max_samples=400_000, buckets=())
   cfg.batch_size = 1

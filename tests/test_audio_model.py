@@ -204,7 +204,8 @@ def test_load_prefixed_unscanned_and_errors(tmp_path):
                                 hf_model.data2vec_audio.masked_spec_embed.detach().numpy())
 
   wrong = _cfg(pos_kernel=17, scan=False)
-  with pytest.raises(ValueError, match=r"encoder\.pos_conv_embed\.layers\.0\.conv\.weight.*\(32, 8, 19\).*\(32, 8, 17\)"):
+  with pytest.raises(ValueError,
+                     match=r"encoder\.pos_conv_embed\.layers\.0\.conv\.weight.*\(32, 8, 19\).*\(32, 8, 17\)"):
     common.load(hf_audio, str(tmp_path / "ctc"), wrong)
   deeper = _cfg(scan=False)
   deeper.model.encoder.num_layers = 3

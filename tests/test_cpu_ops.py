@@ -1,9 +1,11 @@
-"""The model's CPU-only speed-ups (d2v_jax/models/cpu_ops.py) follow the platform the program
-is compiled for: a program exported for TPU or CUDA from this CPU host holds XLA's grouped
-convolution and plain weight gradients, one for CPU the stacked-taps matmul and the barriered
-transposes; the layer scan unrolls on CPU only, following the mesh's devices; the CPU threefry
-kernel gives the same bits. (Conv equality with nn.Conv: tests/test_v2.py.)"""
+"""The model's CPU-only speed-ups (d2v_jax/models/cpu_ops.py) are chosen when the model is built
+for a CPU mesh: a model built for a TPU mesh (an ahead-of-time compile from this CPU host)
+holds XLA's grouped convolution and plain weight gradients only, one built for CPU the
+stacked-taps matmul, forward-conv gradients and the barriered transposes; the layer scan
+unrolls on CPU only; the CPU threefry kernel gives the same bits. (Conv equality with
+nn.Conv: tests/test_v2.py.)"""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -27,21 +29,24 @@ def _hlo(f, platform: str, *args) -> str:
 
 
 @pytest.mark.parametrize("ndim", [1, 2])
-def test_grouped_conv_lowers_per_platform(ndim):
+def test_grouped_conv_forms_per_build_platform(ndim):
   x = jnp.ones((2,) + (6,) * ndim + (16,))
   w = jnp.ones((3,) * ndim + (4, 16))
-  conv = (lambda x, w: cpu_ops.conv1d(x, w, (1, 1), 4)) if ndim == 1 else (
-      lambda x, w: cpu_ops.conv2d(x, w, 4))
-  loss = lambda x, w: (conv(x, w) ** 2).sum()
-  grads = jax.grad(loss, argnums=(0, 1))
+  assert (cpu_ops.impl_for("cpu"), cpu_ops.impl_for("tpu"), cpu_ops.impl_for("gpu")) == ("cpu", "xla", "xla")
+
+  def grads(impl):
+    conv = (lambda x, w: cpu_ops.conv1d(x, w, (1, 1), 4, impl)) if ndim == 1 else (
+        lambda x, w: cpu_ops.conv2d(x, w, 4, impl))
+    return jax.grad(lambda x, w: (conv(x, w) ** 2).sum(), argnums=(0, 1))
   for platform in ("tpu", "cuda"):
-    hlo = _hlo(grads, platform, x, w)
+    hlo = _hlo(grads(cpu_ops.impl_for("tpu")), platform, x, w)
     assert "stablehlo.convolution" in hlo and "feature_group_count = 4" in hlo, platform
-  cpu = _hlo(grads, "cpu", x, w)
+  cpu = _hlo(grads(cpu_ops.impl_for("cpu")), "cpu", x, w)
   if ndim == 2:   # the taps matmul: no convolution at all on CPU
     assert "stablehlo.convolution" not in cpu and "stablehlo.dot_general" in cpu
   else:   # forward convolutions only: XLA's own kernel gradient is a batch-grouped conv
-    assert "batch_group_count = 4" not in cpu and "batch_group_count = 4" in _hlo(grads, "tpu", x, w)
+    xla = _hlo(grads("xla"), "tpu", x, w)
+    assert "batch_group_count = 4" not in cpu and "batch_group_count = 4" in xla
 
 
 def test_unroll_policy():
@@ -72,16 +77,38 @@ def _walk(eqn):
 
 def test_dense_matches_nn_dense_and_its_cpu_gradient_is_cpu_only():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 24))
-  ours, ref = cpu_ops.Dense(40), nn.Dense(40)
+  ours, plain, ref = cpu_ops.Dense(40, cpu=True), cpu_ops.Dense(40), nn.Dense(40)
   p = ref.init(jax.random.PRNGKey(1), x)
   loss = lambda m: lambda p, x: (m.apply(p, x) ** 2).sum()
   np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss(ours), argnums=(0, 1))(p, x)),
                   jax.tree_util.tree_leaves(jax.grad(loss(ref), argnums=(0, 1))(p, x))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  grads = jax.grad(loss(ours))
-  assert "optimization_barrier" in _hlo(grads, "cpu", p, x)
-  assert "optimization_barrier" not in _hlo(grads, "tpu", p, x)
+  assert "optimization_barrier" in _hlo(jax.grad(loss(ours)), "cpu", p, x)
+  assert "optimization_barrier" not in _hlo(jax.grad(loss(plain)), "cpu", p, x)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install -r requirements-tpu.txt)")
+def test_a_step_built_for_tpu_holds_no_cpu_form():
+  """The v2 text step built for a v5e-4 mesh from this CPU host (the AOT path): its lowered
+  program has neither the barriered CPU weight gradient nor the forward-conv decoder
+  gradients; the same step built for the CPU mesh has both."""
+  from d2v_jax.topology import parse_topology, target_devices
+  from d2v_jax import sharding
+  cfg = tiny_text_config(objective="v2")
+  cfg.v2.clone_batch, cfg.v2.mask_prob, cfg.v2.decoder.groups, cfg.v2.decoder.dim = 2, 0.5, 4, 64
+  devices, backend = target_devices(parse_topology("v5e-4"))
+  if backend != "tpu":
+    pytest.skip(f"no TPU compiler: {backend}")
+  texts = {}
+  for name, mesh in (("tpu", sharding.make_mesh(cfg.mesh, devices)), ("cpu", None)):
+    built = build_lib.build(cfg, mesh=mesh, devices=None if mesh else jax.devices()[:1])
+    assert built.model.spec.on_cpu == (name == "cpu")
+    texts[name] = built.step.lower(built.abstract_state,
+                                   build_lib.abstract_batch(cfg, built.modality, built.batch_shardings)).as_text()
+  assert "optimization_barrier" not in texts["tpu"] and "optimization_barrier" in texts["cpu"]
+  assert "batch_group_count" in texts["tpu"]
 
 
 FAST_THREEFRY = """

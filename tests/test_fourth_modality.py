@@ -8,7 +8,6 @@ is one clear error line."""
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 

@@ -287,7 +287,7 @@ def test_rank_guard_policies_floors_and_messages(capsys):
 
 
 def test_default_rank_guard_is_quiet_on_runlocal_text_vision_and_fires_on_audio(capsys):
-  """The default guards (configs/common.py) on the ranks of the real runlocal runs: the step
+  """The default guards (d2v_jax/recipe.py) on the ranks of the real runlocal runs: the step
   computes them every 10th step (1, 11, 21, ...; NaN between), here the logged mean of each
   10-step window. Quiet on text, vision and the fixed audio recipe; fires on the collapsed
   audio runs (the recipe before its fix)."""

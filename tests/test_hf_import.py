@@ -258,7 +258,8 @@ def test_import_mismatch_vision_audio(tmp_path):
   audio = _hf_dir(tmp_path / "a", hf_model("data2vec-audio", audio_cfg()))
   cfg = audio_cfg()
   cfg.model.conv_strides = (5, 2, 2, 2, 2, 2, 1)  # no weight shape shows a stride
-  with pytest.raises(config_lib.ConfigError, match=r"conv_stride=\[5, 2, 2, 2, 2, 2, 2\] but this config has \[5, 2, 2, 2, 2, 2, 1\]"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"conv_stride=\[5, 2, 2, 2, 2, 2, 2\] but this config has \[5, 2, 2, 2, 2, 2, 1\]"):
     init_weights.load_hf(audio, cfg, load_modality("audio"))
   cfg = audio_cfg()
   cfg.model.conv_dims = (32,) * 7
@@ -272,7 +273,8 @@ def test_init_checkpoint_mismatch_names_the_weight(trained_run):
   cfg = with_init(prev_cfg, ckpt=workdir)
   cfg.model.encoder.mlp_dim = 128
   with pytest.raises(config_lib.ConfigError,
-                     match=r"params/encoder/layers/block/fc1/bias has shape \(2, 256\) but this config expects \(2, 128\)"):
+                     match=r"params/encoder/layers/block/fc1/bias has shape \(2, 256\) "
+                           r"but this config expects \(2, 128\)"):
     init_weights.load_run_params(workdir, cfg, build_lib.build(cfg))  # build() compiles nothing
   cfg = with_init(audio_cfg(), ckpt=workdir)
   with pytest.raises(config_lib.ConfigError, match=r"is a 'text' run; this run is 'audio'"):

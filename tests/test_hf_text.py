@@ -187,7 +187,8 @@ def test_mismatch_and_missing_raise():
   with pytest.raises(ValueError, match=r"embeddings\.word_embeddings\.weight.*\(100, 64\).*\(120, 64\)"):
     common.from_hf_state(hf_text, state, tiny_cfg(vocab=120))
   with pytest.raises(ValueError, match="word_embeddings"):
-    common.from_hf_state(hf_text, {"bert.embeddings.word_embeddings.weight": state["embeddings.word_embeddings.weight"]}, cfg)
+    words = state["embeddings.word_embeddings.weight"]
+    common.from_hf_state(hf_text, {"bert.embeddings.word_embeddings.weight": words}, cfg)
 
 
 def test_hf_config_fields_and_unrepresentable():

@@ -18,6 +18,7 @@ import pytest
 
 from d2v_jax import checkpoint, export as export_lib, metrics, train
 import reliability_utils
+import faults
 from reliability_utils import (ROOT, SIGKILL_RC, assert_states_equal, audio_args, env,
                                load_state, parse, run_cli, step_losses, text_args, text_setup,
                                train_cmd, tree_hashes, vision_args, wait_for_line, write_images,
@@ -90,7 +91,11 @@ def test_preempted_run_resumes_exactly_for(modality, tmp_path, monkeypatch, caps
   train.run(parse(args), ref)
   work = str(tmp_path / "preempted")
   monkeypatch.setenv("D2V_TEST_KILL", "sigterm_after_step:3")
-  train.run(parse(args), work)
+  faults.install()
+  try:
+    train.run(parse(args), work)
+  finally:
+    faults.uninstall()
   assert "SIGTERM: saving step 3 and exiting" in capsys.readouterr().out
   assert _steps(work) == [2, 3]
   monkeypatch.delenv("D2V_TEST_KILL")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from d2v_jax import config as config_lib, ema, scaling, validate
+from d2v_jax import config as config_lib, ema, validate
 
 
 def _cfg(*args, spec="configs/text.py:variant=base"):

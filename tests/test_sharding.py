@@ -42,7 +42,7 @@ def test_presets_resolve_to_mesh_shapes():
   # Two slices: data spans the slices, fsdp stays inside each one.
   assert sharding.mesh_shape(_preset_cfg("fsdp").mesh, 16, slices=2) == (2, 8, 1)
   assert sharding.mesh_shape(_preset_cfg("dp").mesh, 16, slices=2) == (16, 1, 1)
-  # No preset: the explicit sizes of configs/common.py (data=-1) are used.
+  # No preset: the explicit sizes of d2v_jax/recipe.py (data=-1) are used.
   assert sharding.mesh_shape(tiny_text_config().mesh, 8) == (8, 1, 1)
 
 

@@ -194,3 +194,17 @@ def test_bfloat16_compute_keeps_float32_master_teacher_and_optimizer():
                           jax.tree_util.tree_map(jnp.asarray, text_data.example_batch(cfg, 2)),
                           student=True)
   assert out["final"].dtype == jnp.bfloat16
+
+
+def test_the_trainers_step_refuses_implicit_transfers():
+  """train._loop dispatches the step under jax.transfer_guard("disallow"): a batch handed over
+  as host numpy (an implicit copy) fails loudly; the explicit to_global one runs."""
+  cfg = tiny_text_config()
+  built = build_lib.build(cfg, devices=jax.devices()[:1])
+  state = built.init(0)
+  batch = text_data.example_batch(cfg, cfg.batch_size)
+  with jax.transfer_guard("disallow"):
+    with pytest.raises(Exception, match="[Dd]isallowed host-to-device transfer"):
+      built.step(state, batch)
+    state, m = built.step(state, build_lib.to_global(batch, built.batch_shardings))
+    assert np.isfinite(float(jax.device_get(m["loss"])))

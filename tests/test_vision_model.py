@@ -350,7 +350,8 @@ def test_weight_decay_mask_follows_beit():
   params = random_params(cfg)
   decay = flatten_dict(optim.decay_mask(cfg.optim)(params))
   on = sorted("/".join(k) for k, v in decay.items() if v)
-  assert on == ["embed/mask_token", "embed/patch/kernel", "embed/rel_pos_bias", "encoder/layers/block/attention/key/kernel",
+  assert on == ["embed/mask_token", "embed/patch/kernel", "embed/rel_pos_bias",
+                "encoder/layers/block/attention/key/kernel",
                 "encoder/layers/block/attention/out/kernel", "encoder/layers/block/attention/query/kernel",
                 "encoder/layers/block/attention/value/kernel", "encoder/layers/block/fc1/kernel",
                 "encoder/layers/block/fc2/kernel", "head/out/kernel"]

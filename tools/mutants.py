@@ -85,8 +85,8 @@ MUTANTS = [
       "step_rng = jax.random.fold_in(state.rng, state.step)", "step_rng = state.rng",
       (STEP + "test_each_step_draws_its_own_dropout",)),
     M("health: teacher_dist of the teacher before the update", "d2v_jax/step.py",
-      "top_mask=aux[\"top_mask\"], teacher=new_state.teacher,",
-      "top_mask=aux[\"top_mask\"], teacher=state.teacher,",
+      "**health.step_metrics(aux, teacher=new_state.teacher,",
+      "**health.step_metrics(aux, teacher=state.teacher,",
       ("tests/test_health.py::test_train_step_logs_health_metrics",)),
     # ---------------------------------------------------------------- d2v_jax/optim.py
     M("optim: weight decay off", "d2v_jax/optim.py",

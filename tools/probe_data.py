@@ -142,7 +142,7 @@ def audio() -> None:
 
 
 LANG_DIRS = {"en": os.path.join("data", "audio", "prompts"),
-             **{l: os.path.join("data", "audio", "lang", l) for l in ("es", "fr", "it", "ru")}}
+             **{lang: os.path.join("data", "audio", "lang", lang) for lang in ("es", "fr", "it", "ru")}}
 LANG_NONSPEECH = re.compile(r"(beep|tone|^tt-monkeys$)")
 LANG_MIN_SECONDS = 1.0
 LANG_PROBE_EVERY = 3
@@ -166,27 +166,27 @@ def lang_split(dirs: dict) -> tuple[list[str], dict]:
   common = sorted(set.intersection(*(set(f) for f in files.values())))
   probe = [n for n in common
            if zlib.crc32(n.encode()) % LANG_PROBE_EVERY == 0 and not LANG_NONSPEECH.search(n)
-           and all(wav_seconds(files[l][n]) >= LANG_MIN_SECONDS for l in files)]
+           and all(wav_seconds(files[lang][n]) >= LANG_MIN_SECONDS for lang in files)]
   return probe, files
 
 
 def lang() -> None:
   import json
-  probe, files = lang_split({l: os.path.join(ROOT, d) for l, d in LANG_DIRS.items()})
+  probe, files = lang_split({lang: os.path.join(ROOT, d) for lang, d in LANG_DIRS.items()})
   held = set(probe)
   out_probe, out_pre = os.path.join(OUT, "lang_id"), os.path.join(OUT, "lang_pretrain")
   for d in (out_probe, out_pre):
     shutil.rmtree(d, ignore_errors=True)
   pretrain = []
-  for l, names in files.items():
-    os.makedirs(os.path.join(out_probe, l))
+  for lang, names in files.items():
+    os.makedirs(os.path.join(out_probe, lang))
     for n, path in names.items():
       if n in held:
-        os.symlink(path, os.path.join(out_probe, l, n + ".wav"))
+        os.symlink(path, os.path.join(out_probe, lang, n + ".wav"))
       else:
         os.makedirs(out_pre, exist_ok=True)
-        os.symlink(path, os.path.join(out_pre, f"{l}_{n}.wav"))
-        pretrain.append(f"{l}_{n}")
+        os.symlink(path, os.path.join(out_pre, f"{lang}_{n}.wav"))
+        pretrain.append(f"{lang}_{n}")
   with open(os.path.join(OUT, "lang_split.json"), "w") as f:
     json.dump({"probe_names": probe, "languages": list(files), "pretrain": pretrain,
                "rule": f"name in all languages, speech, >= {LANG_MIN_SECONDS} s in each, "

@@ -91,7 +91,7 @@ class Child:
     secs = time.perf_counter() - self.t0
     kb = float(open(self._out).read() or 0) if os.path.exists(self._out) else float("nan")
     self._err.seek(0)
-    lines = [l for l in self._err.read().decode(errors="replace").splitlines() if l.strip()]
+    lines = [ln for ln in self._err.read().decode(errors="replace").splitlines() if ln.strip()]
     self._err.close()
     self._tmp.cleanup()
     return kb / 1024, secs, rc, (lines[-1] if lines else "")

@@ -5,7 +5,8 @@
 
 Model FLOPs per step, two ways: analytic (d2v_jax/flops.py, the model the AOT compile
 report uses: matmuls and convolutions only, a multiply-add = 2 FLOPs, teacher forward +
-student forward + 2x the student forward for the backward), and XLA's HLO cost analysis of the lowered step (every op, elementwise included). Peak: a jitted
+student forward + 2x the student forward for the backward), and XLA's HLO cost analysis of the
+lowered step (every op, elementwise included). Peak: a jitted
 N x N float32 matmul (N = 2048, quick 512) in the same process, timed interleaved with the
 step so both see the same machine load. MFU = (FLOPs / step time) / peak, given from wall
 time and from process CPU time (CPU-seconds: robust when other jobs share the cores).

@@ -174,7 +174,8 @@ def dtypes(arg: str) -> list[str]:
 def for_each_problem(args, measure, skip_column: str) -> tuple[list[dict], dict]:
   """Runs measure(modality, size, dtype, reps, batch, overrides) -> row over the problems
   the common flags select (--modality, --sizes, --dtype, --reps, --set KEY=VALUE config
-  overrides, --quick: text tiny cut to QUICK, batch QUICK_BATCH, 2 rounds). A modality whose modules do not build gets one row
+  overrides, --quick: text tiny cut to QUICK, batch QUICK_BATCH, 2 rounds). A modality whose
+  modules do not build gets one row
   with the reason in `skip_column`. Returns (rows, {modality: reason})."""
   quick = getattr(args, "quick", False)
   mods = ["text"] if quick else modalities(args.modality)

@@ -205,7 +205,7 @@ class TorchData2Vec:
       out = self.teacher(**self._inputs(batch, student=False),
                          output_hidden_states=self.collect == "end")
       layers = self.hooks_out if self.collect == "ffn" else out.hidden_states[1:]
-      top = torch.stack([l.float() for l in layers[-tc.top_k:]])[:, :, self.n_extra:]
+      top = torch.stack([h.float() for h in layers[-tc.top_k:]])[:, :, self.n_extra:]
       valid = self._frame_valid(batch, top.shape[2])
       y = _norm(tc.layer_norm, top, valid).mean(0)
       y = _norm(tc.final_norm, y, valid)
@@ -213,21 +213,21 @@ class TorchData2Vec:
     return y
 
   def loss(self, batch, y):
-    l = self.cfg.loss
+    lc = self.cfg.loss
     mask = torch.from_numpy(np.asarray(batch["mask"], bool))
     with torch.autocast("cpu", torch.bfloat16, enabled=self.autocast):
       x = self.student(**self._inputs(batch, student=True)).last_hidden_state[:, self.n_extra:]
       pred = self.head(x[mask]).float()
     target = y[mask]
-    if l.beta == 0:
+    if lc.beta == 0:
       per = (pred - target).square()
     else:
-      per = F.smooth_l1_loss(pred, target, reduction="none", beta=l.beta)
+      per = F.smooth_l1_loss(pred, target, reduction="none", beta=lc.beta)
     d = pred.shape[-1]
-    if l.reduce_dims == "sum":
-      per = per.sum(-1) * (d ** -0.5 if l.scale is None else l.scale)
+    if lc.reduce_dims == "sum":
+      per = per.sum(-1) * (d ** -0.5 if lc.scale is None else lc.scale)
     else:
-      per = per.mean(-1) * (1.0 if l.scale is None else l.scale)
+      per = per.mean(-1) * (1.0 if lc.scale is None else lc.scale)
     return per.sum() / max(int(mask.sum()), 1)
 
   def step(self, batch) -> float:

@@ -61,7 +61,8 @@ def _text_v1(m: dict, state: dict) -> dict:
   _need(str(t.get("activation_fn", "gelu")) == "gelu", f"activation {t.get('activation_fn')!r}")
   _need(not e.get("normalize_before", False), "a pre-LN text encoder (normalize_before)")
   vocab, width = np.shape(state[f"{enc}.embed_tokens.weight"])
-  out = {"model.vocab_size": int(vocab), "model.max_positions": int(np.shape(state[f"{enc}.embed_positions.weight"])[0]),
+  positions = int(np.shape(state[f"{enc}.embed_positions.weight"])[0])
+  out = {"model.vocab_size": int(vocab), "model.max_positions": positions,
          "model.pad_id": 1, "model.encoder.num_layers": int(e.get("layers", 12)),
          "model.encoder.hidden": int(width), "model.encoder.heads": int(e.get("attention_heads", 12)),
          "model.encoder.mlp_dim": int(e.get("ffn_embed_dim", 4 * width)),

@@ -1,5 +1,5 @@
-"""The model's CPU-only speed-ups, in one place. Each is chosen by the platform the program is
-compiled for, never patched into JAX:
+"""The model's CPU-only speed-ups, in one place. Each is chosen when the model is built for a
+CPU mesh (build.py sets EncoderSpec.platform to the mesh's platform), never patched into JAX:
 
   conv1d(x, w, pad, groups)   stride-1 grouped 1-D convolution (data2vec 2.0 1-D decoder).
                               On CPU its gradients are computed as forward convolutions:
@@ -8,20 +8,20 @@ compiled for, never patched into JAX:
   conv2d(x, w, groups)        stride-1 'same' 2-D grouped convolution (vision decoder). On CPU
                               one matmul over the stacked kernel taps: XLA:CPU runs grouped
                               convolutions through a slow generic loop.
-  Dense                       nn.Dense whose weight gradient, on CPU, transposes the smaller
-                              operand explicitly (XLA:CPU transposes the larger one).
+  Dense(cpu=True)             nn.Dense whose weight gradient transposes the smaller operand
+                              explicitly (XLA:CPU transposes the larger one).
   unroll(platform, ...)       layers per scan iteration: on CPU the whole stack (no stacked
                               residual buffers and copies of the loop).
   fast_threefry()             the CPU lowering of jax's threefry2x32 (dropout's random bits)
                               as one straight-line kernel, as jax lowers it for GPU / TPU,
                               instead of a rolled 5-iteration loop: the same bits.
 
-The convolutions and the Dense gradient use jax.lax.platform_dependent: both branches are
-traced and the one for the platform the program is lowered for is kept, so a TPU or GPU
-compile (an ahead-of-time one from a CPU host included) gets XLA's own op. The unroll follows
-the platform of the mesh the step is built on (build.py sets EncoderSpec.platform), and
-build.py calls fast_threefry() only for a CPU mesh: it is the one hook into jax internals
-(jax._src), registered explicitly, never at import, and skipped when the internals moved.
+A model built for a TPU or GPU mesh (an ahead-of-time compile from a CPU host included: its
+mesh is the target topology's) holds XLA's own ops only: `impl_for(platform)` picks the conv
+paths, `Dense(cpu=...)` the gradient, `unroll` the scan, all from the build platform; nothing
+CPU-specific is traced into those programs. build.py calls fast_threefry() only for a CPU
+mesh: it is the one hook into jax internals (jax._src), registered explicitly, never at
+import, and skipped when the internals moved.
 Each is tested equal to the plain op (tests/test_cpu_ops.py, tests/test_v2.py).
 
 Re-measured on the 2-core CPU machine (`python -m d2v_jax.bench`-style setups, median process
@@ -58,6 +58,12 @@ def platform(spec_platform: str = "") -> str:
   return spec_platform or platform_of(jax.devices()[0])
 
 
+def impl_for(platform_name: str = "") -> str:
+  """The conv implementation for a model built for `platform_name` ("" = jax's default
+  backend): "cpu" (the forms above) on CPU, "xla" elsewhere."""
+  return "cpu" if platform(platform_name) == "cpu" else "xla"
+
+
 def unroll(platform_name: str, num_layers: int, scan_unroll: int, remat: bool) -> int:
   """Scan iterations to unroll: model.encoder.scan_unroll when set (> 0); else on CPU the
   whole stack (text / vision small steps 1.19x / 1.18x faster) and 1 elsewhere. Not with
@@ -76,12 +82,8 @@ def _dw_cpu(x2, g2):
   return jax.lax.optimization_barrier(jnp.dot(jax.lax.optimization_barrier(g2.T), x2)).T
 
 
-def _dw(x2, g2):
-  return jnp.dot(x2.T, g2)
-
-
 @jax.custom_vjp
-def matmul(x, w):
+def matmul_cpu(x, w):
   """x [..., K] @ w [K, N]; the same product as nn.Dense, with a CPU-friendly weight gradient."""
   return jnp.dot(x, w)
 
@@ -94,15 +96,17 @@ def _matmul_bwd(res, g):
   x, w = res
   k, n = w.shape
   dx = jnp.dot(g, w.T).astype(x.dtype)
-  dw = jax.lax.platform_dependent(x.reshape(-1, k), g.reshape(-1, n), cpu=_dw_cpu, default=_dw)
+  dw = _dw_cpu(x.reshape(-1, k), g.reshape(-1, n))
   return dx, dw.astype(w.dtype)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+matmul_cpu.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nn.Dense):
-  """nn.Dense (same parameters, initialisers and dtype promotion) computed with `matmul`."""
+  """nn.Dense (same parameters, initialisers and dtype promotion); `cpu=True` (a model built
+  for a CPU mesh) computes it with `matmul_cpu`."""
+  cpu: bool = False
 
   @nn.compact
   def __call__(self, inputs):
@@ -110,7 +114,7 @@ class Dense(nn.Dense):
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    y = matmul(inputs, kernel)
+    y = matmul_cpu(inputs, kernel) if self.cpu else jnp.dot(inputs, kernel)
     if bias is not None:
       y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
@@ -169,14 +173,12 @@ def _bwd(pad, groups, res, gy):
 _conv1d_fwd_grads.defvjp(_fwd, _bwd)
 
 
-def conv1d(x, w, pad: tuple[int, int], groups: int, impl: str = "auto"):
-  """x [B, T, Cin] (NWC) * w [K, Cin/groups, Cout] (WIO), stride 1. impl: auto (per platform),
-  xla, or cpu (forward-conv gradients everywhere; tests)."""
-  cpu = functools.partial(_conv1d_fwd_grads, pad=pad, groups=groups)
-  xla = functools.partial(_conv1d_xla, pad=pad, groups=groups)
-  if impl != "auto":
-    return (cpu if impl == "cpu" else xla)(x, w)
-  return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)
+def conv1d(x, w, pad: tuple[int, int], groups: int, impl: str = "xla"):
+  """x [B, T, Cin] (NWC) * w [K, Cin/groups, Cout] (WIO), stride 1. impl (impl_for): xla, or
+  cpu (gradients as forward convolutions)."""
+  if impl == "cpu":
+    return _conv1d_fwd_grads(x, w, pad, groups)
+  return _conv1d_xla(x, w, pad, groups)
 
 
 def _conv2d_xla(x, kernel, groups):
@@ -201,13 +203,9 @@ def _conv2d_taps(x, kernel, groups):
   return y.reshape(*y.shape[:-2], cout)
 
 
-def conv2d(x, kernel, groups: int, impl: str = "auto"):
+def conv2d(x, kernel, groups: int, impl: str = "xla"):
   """Stride-1 'same' 2-D convolution, x [N, H, W, Cin] * kernel [kh, kw, Cin/groups, Cout].
-  impl: auto (taps on CPU when grouped, XLA's elsewhere), xla, or cpu (taps; tests)."""
-  cpu = functools.partial(_conv2d_taps, groups=groups)
-  xla = functools.partial(_conv2d_xla, groups=groups)
-  if impl != "auto":
-    return (cpu if impl == "cpu" else xla)(x, kernel)
-  if groups == 1:
-    return xla(x, kernel)
-  return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=xla)
+  impl (impl_for): xla, or cpu (the taps matmul for a grouped conv; XLA's for groups=1)."""
+  if impl == "cpu" and groups > 1:
+    return _conv2d_taps(x, kernel, groups)
+  return _conv2d_xla(x, kernel, groups)

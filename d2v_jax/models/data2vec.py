@@ -26,16 +26,17 @@ class RegressionHead(nn.Module):
   layers: int = 1
   hidden_mult: int = 2
   dtype: Any = jnp.float32
+  cpu: bool = False           # built for a CPU mesh (models/cpu_ops.py Dense)
 
   @nn.compact
   def __call__(self, x):
     if self.layers == 0:
       return x
     for i in range(self.layers - 1):
-      x = nn.gelu(dense(self.hidden * self.hidden_mult, ("embed", "mlp"), f"dense_{i}", self.dtype)(x),
-                  approximate=False)
+      x = nn.gelu(dense(self.hidden * self.hidden_mult, ("embed", "mlp"), f"dense_{i}", self.dtype,
+                        cpu=self.cpu)(x), approximate=False)
     axes = ("mlp", "embed") if self.layers > 1 else ("embed", "heads")
-    return dense(self.hidden, axes, "out", self.dtype)(x)
+    return dense(self.hidden, axes, "out", self.dtype, cpu=self.cpu)(x)
 
 
 class Data2Vec(nn.Module):
@@ -57,7 +58,7 @@ class Data2Vec(nn.Module):
   def setup(self):
     self.encoder = Encoder(self.spec, self.collect)
     self.head = RegressionHead(self.spec.hidden, self.head_layers, self.head_hidden_mult,
-                               self.spec.dtype)
+                               self.spec.dtype, cpu=self.spec.on_cpu)
 
   def __call__(self, batch, *, student: bool, deterministic: bool = True):
     """Returns dict(final [B,T,D], layers [L,B,T,D], valid [B,T], and pred [B,T,D] for the student)."""
@@ -118,7 +119,7 @@ def build(cfg, embed: nn.Module, platform: str = "") -> Data2Vec:
   dec = None
   if v2:
     grid = getattr(embed, "grid", 0) if cfg.v2.decoder.kind == "2d" else 0
-    dec = decoder_lib.build(cfg, grid=grid)
+    dec = decoder_lib.build(cfg, grid=grid, platform=platform)
   return Data2Vec(embed=embed, spec=EncoderSpec.from_config(cfg.model.encoder, cfg.dtype, platform),
                   collect=cfg.target.layer_output, head_layers=cfg.head.layers,
                   head_hidden_mult=cfg.head.hidden_mult, decoder=dec,

@@ -38,10 +38,10 @@ def _torch_bias(fan_in: int):
   return init
 
 
-def grouped_conv(x, kernel, groups: int, impl: str = "auto"):
+def grouped_conv(x, kernel, groups: int, impl: str = "xla"):
   """Stride-1 'same' convolution of x [N, *S, C_in] with kernel [*K, C_in / groups, C_out]
-  (nn.Conv's layout), 1-D or 2-D: d2v_jax/models/cpu_ops.py (impl auto: the CPU forms on
-  CPU, XLA's convolution elsewhere; xla; cpu)."""
+  (nn.Conv's layout), 1-D or 2-D: d2v_jax/models/cpu_ops.py (impl xla, or cpu: the CPU forms,
+  what a model built for a CPU mesh uses)."""
   if kernel.ndim == 3:
     k = kernel.shape[0]
     return cpu_ops.conv1d(x, kernel, (k // 2, k // 2), groups, impl)
@@ -56,7 +56,7 @@ class Conv(nn.Module):
   groups: int
   fan_in: int
   dtype: Any = jnp.float32
-  impl: str = "auto"
+  impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -84,7 +84,7 @@ class ConvDecoder(nn.Module):
   proj_init: str = "torch"   # torch: U(+-1/sqrt(fan_in)) | bert: N(0, 0.02), bias 0
   grid: int = 0
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"    # grouped_conv's impl (tests compare them)
+  conv_impl: str = "xla"     # grouped_conv's impl: cpu_ops.impl_for(the build platform)
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -126,10 +126,11 @@ class ConvDecoder(nn.Module):
                     bias_init=nn.with_logical_partitioning(bias, ("embed",)))
 
 
-def build(cfg, grid: int = 0) -> ConvDecoder:
+def build(cfg, grid: int = 0, platform: str = "") -> ConvDecoder:
+  """The decoder of cfg, for a model built for `platform` (the mesh's; "" = jax's default)."""
   d = cfg.v2.decoder
   return ConvDecoder(dim=int(d.dim), width=int(cfg.model.encoder.hidden), kernel=int(d.kernel),
                      groups=int(d.groups), layers=int(d.layers), residual=bool(d.residual),
                      proj_layers=int(d.proj_layers), proj_ratio=float(d.proj_ratio),
                      input_dropout=float(d.input_dropout), proj_init=str(d.proj_init), grid=grid,
-                     dtype=jnp.dtype(cfg.dtype))
+                     dtype=jnp.dtype(cfg.dtype), conv_impl=cpu_ops.impl_for(platform))

@@ -63,8 +63,9 @@ class TextEmbed(nn.Module):
     x, valid = self.local(batch, student=student, deterministic=deterministic)
     return x, valid, padding_bias(valid)
 
-  def context(self, x, valid, *, deterministic: bool):
-    """data2vec 2.0 teacher input: the student's embeddings as they are (fairseq text)."""
+  def context(self, x, valid, *, deterministic: bool = True):
+    """data2vec 2.0 teacher input: the student's embeddings as they are (fairseq text). No
+    `mask`: text masks ids before embedding, so a 1.0 student cannot share these features."""
     del deterministic
     return x, valid, padding_bias(valid)
 

@@ -59,6 +59,11 @@ class EncoderSpec:
   platform: str = ""        # what the model is built for (build.py: the mesh's); "" = default backend
   dtype: Any = jnp.float32
 
+  @property
+  def on_cpu(self) -> bool:
+    """Built for a CPU mesh: the CPU-only forms of models/cpu_ops.py."""
+    return cpu_ops.platform(self.platform) == "cpu"
+
   @classmethod
   def from_config(cls, enc, dtype: str = "float32", platform: str = "") -> "EncoderSpec":
     fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "platform"}
@@ -71,9 +76,10 @@ def gelu(x):
   return x * 0.5 * (1.0 + jax.lax.erf(x * np.asarray(0.7071067811865476, x.dtype)))
 
 
-def dense(features: int, axes: tuple[str, str], name: str, dtype, use_bias: bool = True) -> nn.Dense:
+def dense(features: int, axes: tuple[str, str], name: str, dtype, use_bias: bool = True,
+          cpu: bool = False) -> nn.Dense:
   return cpu_ops.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, cpu=cpu,
       kernel_init=nn.with_logical_partitioning(INIT, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
 
@@ -146,10 +152,11 @@ class Attention(nn.Module):
   def __call__(self, x, bias, deterministic: bool):
     s = self.spec
     head_dim = s.hidden // s.heads
-    q = checkpoint_name(dense(s.hidden, ("embed", "heads"), "query", s.dtype)(x), "query_proj")
-    k = checkpoint_name(dense(s.hidden, ("embed", "heads"), "key", s.dtype, use_bias=s.key_bias)(x),
-                        "key_proj")
-    v = checkpoint_name(dense(s.hidden, ("embed", "heads"), "value", s.dtype)(x), "value_proj")
+    cpu = s.on_cpu
+    q = checkpoint_name(dense(s.hidden, ("embed", "heads"), "query", s.dtype, cpu=cpu)(x), "query_proj")
+    k = checkpoint_name(dense(s.hidden, ("embed", "heads"), "key", s.dtype, use_bias=s.key_bias,
+                              cpu=cpu)(x), "key_proj")
+    v = checkpoint_name(dense(s.hidden, ("embed", "heads"), "value", s.dtype, cpu=cpu)(x), "value_proj")
     split = lambda t: t.reshape(t.shape[:-1] + (s.heads, head_dim))
     q, k, v = split(q), split(k), split(v)
     q = constrain(q, "act_batch", "act_length", "act_heads", None)
@@ -163,7 +170,7 @@ class Attention(nn.Module):
       dropout = lambda p: drop(p, deterministic=deterministic)
     out = attend(q, k, v, bias, impl=impl, dropout=dropout, key_padding=s.key_padding)
     out = checkpoint_name(out.reshape(x.shape[:-1] + (s.hidden,)), "context")
-    return checkpoint_name(dense(s.hidden, ("heads", "embed"), "out", s.dtype)(out), "out_proj")
+    return checkpoint_name(dense(s.hidden, ("heads", "embed"), "out", s.dtype, cpu=cpu)(out), "out_proj")
 
 
 class Block(nn.Module):
@@ -191,11 +198,11 @@ class Block(nn.Module):
     ln = lambda name: layer_norm(s.layer_norm_eps, name, s.dtype)
 
     def ffn(h):
-      h = checkpoint_name(dense(s.mlp_dim, ("embed", "mlp"), "fc1", s.dtype)(h), "mlpwi")
+      h = checkpoint_name(dense(s.mlp_dim, ("embed", "mlp"), "fc1", s.dtype, cpu=s.on_cpu)(h), "mlpwi")
       h = gelu(h)
       h = constrain(h, "act_batch", "act_length", "act_mlp")
       h = nn.Dropout(s.activation_dropout)(h, deterministic=deterministic)
-      return checkpoint_name(dense(s.hidden, ("mlp", "embed"), "fc2", s.dtype)(h), "mlpwo")
+      return checkpoint_name(dense(s.hidden, ("mlp", "embed"), "fc2", s.dtype, cpu=s.on_cpu)(h), "mlpwo")
 
     attn = Attention(s, name="attention")
     if s.pre_ln:

@@ -6,7 +6,7 @@ files, no edit in d2v_jax/): multichannel 1-D sensor signals, e.g. a 3-axis acce
              student, learned positions
   data.py    recordings as .npy files [samples, C] cut into windows, exact-count random token
              masks per row, a folder per class of .npy windows as the probe set
-  config.py  get_config() on configs/common.base_config, modality = "sensor_modality"
+  config.py  get_config() on d2v_jax/recipe.base_config, modality = "sensor_modality"
 
 Run as `--config tests/sensor_modality/config.py` with tests/ on PYTHONPATH (pytest puts it
 there); tests/test_fourth_modality.py trains, resumes, probes and AOT-compiles it through the

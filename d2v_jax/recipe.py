@@ -1,4 +1,4 @@
-"""Pieces every modality config shares.
+"""Pieces every recipe (config file) shares: `from d2v_jax import recipe` in configs/<m>.py.
 
 A config file is `configs/<modality>.py` with `get_config(arg)`; `arg` is the text after
 the colon in `--config configs/text.py:variant=base,runlocal`. `parse_arg` turns it into a
