@@ -1,4 +1,5 @@
-"""Health of a data2vec run: per-step collapse signals and the in-training rank / probe hook.
+"""Health of a data2vec step: per-step collapse signals computed inside the jitted step (the
+in-training rank / probe hook is d2v_jax/eval_hook.py).
 
 Per step (inside the jitted train step, d2v_jax/step.py), on the positions the loss covers:
   target_var_l{i}    per-dim std over masked positions, averaged over dims (fairseq

@@ -23,12 +23,14 @@ d2v_jax/recipe.base_config, with `modality` set to the name above). The contract
           validate(cfg): raises d2v_jax.config.ConfigError on values out of range.
           build_dataset(cfg, workdir, *, start_step, process_index, process_count) -> iterable
             of per-process batches (dicts of numpy arrays, leading dim cfg.batch_size //
-            process_count). Every batch has "mask": bool [B, T - num_extra_tokens], the positions
-            the loss covers. Batch `s` must be a pure function of (cfg, s, process_index):
+            process_count). Every batch has "mask": bool [B, T - num_extra_tokens] (1.0) or
+            [B, M, T - num_extra_tokens] with "visible" int [B, M, K] (2.0), the positions the
+            loss covers (Batch below). Batch `s` must be a pure function of (cfg, s, process_index):
             resume = restart at start_step.
-          example_batch(cfg, batch_size) -> one batch of the same structure (shapes, init).
+          example_batch(cfg, batch_size) -> one batch of the same structure (the shapes of
+            init and of the AOT compile, build.abstract_batch).
           synthetic_batch(cfg, batch_size, seed) -> a batch with random content and real masks
-            (benchmarks, AOT compile).
+            (benchmarks, parity tests).
           labelled_set(cfg, workdir, path) -> d2v_jax.data.labelled.LabelledSet: a labelled
             probe set, preprocessed as in training without masking (python -m d2v_jax.probe).
           optional: tf_dataset(...) (the tf.data.Dataset behind build_dataset, for the input

@@ -1,7 +1,8 @@
 """The Data2Vec module: modality embedder + shared Transformer stack + regression head.
 
 One module serves student and teacher: the teacher is the same module applied to a
-parameter tree whose EMA subtrees come from the teacher state (d2v_jax/step.py). The
+parameter tree whose EMA subtrees come from the teacher state (d2v_jax/objectives.py with
+ema.teacher_params). The
 embedder decides what "student" means for its modality (masked ids, mask token, masked
 frames); the encoder and head know nothing about modality.
 """

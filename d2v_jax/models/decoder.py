@@ -2,8 +2,8 @@
 `Decoder2d`).
 
 Input: the student's encoder output scattered back to the full sequence, with N(0, noise_std)
-vectors at the masked positions and no position information (d2v_jax/objectives.py builds
-it). Each block: Conv (kernel k, 'same' padding, `groups`) -> LayerNorm over channels without
+vectors at the masked positions and no position information (Data2Vec.student_v2 in
+d2v_jax/models/data2vec.py builds it). Each block: Conv (kernel k, 'same' padding, `groups`) -> LayerNorm over channels without
 affine -> GELU, plus the block's input when `residual` and the channel counts match (so a
 decoder narrower than the encoder skips the residual of its first block). Then `proj`:
 Linear(dim -> width), or Linear(dim -> dim * ratio) -> GELU -> Linear(-> width) for
