@@ -34,10 +34,7 @@ import sys
 
 from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/console.py)
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from d2v_jax import config as config_lib, scale_table, scaling  # noqa: E402
+from d2v_jax import cli, config as config_lib, scale_table, scaling  # noqa: E402
 from d2v_jax.aot import compile_step  # noqa: E402
 from d2v_jax.batch_search import (remat_names, remat_table, search_batch, search_remat,  # noqa: E402
                                   with_batch_per_device)
@@ -46,36 +43,32 @@ from d2v_jax.topology import GiB, parse_topology, target_devices, tpu_compiler_a
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_FIT = 0, 2, 3
 
 
-def _flags(argv: list[str]):
-  fv = flags.FlagValues()
-  # sys_argv: config_flags finds `--config.x=y` overrides in the argv it is given (default
-  # sys.argv), so in-process calls main(argv) see their own overrides.
-  config_flags.DEFINE_config_file("config", None, "config file[:args]", flag_values=fv,
-                                  sys_argv=argv)
-  flags.DEFINE_string("topology", "v5e-8", "TPU topology: v5e-8, v4-8, v5p-8, v6e-8, v5e:2x4, ...",
-                      flag_values=fv)
-  flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (multislice)", flag_values=fv)
-  flags.DEFINE_integer("batch_per_device", None, "examples per batch shard (sets batch_size)",
-                       flag_values=fv)
-  flags.DEFINE_bool("search_batch", False, "search the largest per-device batch that fits",
-                    flag_values=fv)
-  flags.DEFINE_string("remat", "", "remat policies to compare: all, or a comma list of "
-                      "none,full,minimal,save_dots,save_qkv_out,offload (with --search_batch: "
-                      "the largest batch per policy)", flag_values=fv)
-  flags.DEFINE_integer("max_trials", 6, "--search_batch: compiles per search (per remat policy)",
-                       flag_values=fv)
-  flags.DEFINE_bool("fallback", False, "compile for fake CPU devices even if libtpu exists",
-                    flag_values=fv)
-  flags.DEFINE_string("json", None, "also write the report as JSON here", flag_values=fv)
-  flags.DEFINE_string("table", None, "regenerate the scale table (markdown) at this path",
-                      flag_values=fv)
-  flags.DEFINE_string("cache", scale_table.TABLE_CACHE, "table: JSON-lines cache of compiled rows",
-                      flag_values=fv)
-  flags.DEFINE_multi_string("entries", list(scale_table.TABLE_ENTRIES),
-                            "table: modality:variant[:key=value,...] (repeat the flag)",
-                            flag_values=fv)
-  flags.DEFINE_list("topologies", list(scale_table.TABLE_TOPOLOGIES), "table: topologies", flag_values=fv)
-  return fv
+def _parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(prog="python -m d2v_jax.compile", description=__doc__.splitlines()[0])
+  p.add_argument("--config", default=None, help="config file[:args] (and --config.KEY=VALUE)")
+  p.add_argument("--topology", default="v5e-8",
+                 help="TPU topology: v5e-8, v4-8, v5p-8, v6e-8, v5e:2x4, ...")
+  p.add_argument("--num_slices", type=int, default=1, help="slices joined over DCN (multislice)")
+  p.add_argument("--batch_per_device", type=int, default=None,
+                 help="examples per batch shard (sets batch_size)")
+  p.add_argument("--search_batch", action="store_true",
+                 help="search the largest per-device batch that fits")
+  p.add_argument("--remat", default="", help="remat policies to compare: all, or a comma list of "
+                 "none,full,minimal,save_dots,save_qkv_out,offload (with --search_batch: the "
+                 "largest batch per policy)")
+  p.add_argument("--max_trials", type=int, default=6,
+                 help="--search_batch: compiles per search (per remat policy)")
+  p.add_argument("--fallback", action="store_true",
+                 help="compile for fake CPU devices even if libtpu exists")
+  p.add_argument("--json", default=None, help="also write the report as JSON here")
+  p.add_argument("--table", default=None, help="regenerate the scale table (markdown) at this path")
+  p.add_argument("--cache", default=scale_table.TABLE_CACHE,
+                 help="table: JSON-lines cache of compiled rows")
+  p.add_argument("--entries", action="append", default=None,
+                 help="table: modality:variant[:key=value,...] (repeat the flag)")
+  p.add_argument("--topologies", default=",".join(scale_table.TABLE_TOPOLOGIES),
+                 help="table: comma-separated topologies")
+  return p
 
 
 def _ensure_cpu_devices(argv: list[str]) -> None:
@@ -146,23 +139,33 @@ def oom_advice(cfg) -> str:
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   _ensure_cpu_devices(argv)
-  fv = _flags(argv)
-  if any(a.startswith("--table") for a in argv):
-    fv(argv)
+  try:
+    fv, rest = _parser().parse_known_args(argv[1:])
+  except SystemExit as e:   # cli.ArgumentParser printed its one error line
+    return int(e.code or 0) if not isinstance(e.code, str) else EXIT_BAD_INPUT
+  bad = [r for r in rest if not r.startswith("--config.")]
+  if bad:
+    print(f"error: unknown arguments {bad} (see python -m d2v_jax.compile --help)", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  if fv.table:
     if fv.config is not None:
       print("error: --table builds its own configs (--entries); drop --config", file=sys.stderr)
       return EXIT_BAD_INPUT
-    scale_table.table(fv.table, entries=tuple(fv.entries), topologies=tuple(fv.topologies),
-          force_cpu=fv.fallback, cache_path=fv.cache)
+    entries = tuple(fv.entries) if fv.entries else tuple(scale_table.TABLE_ENTRIES)
+    scale_table.table(fv.table, entries=entries, topologies=tuple(fv.topologies.split(",")),
+                      force_cpu=fv.fallback, cache_path=fv.cache)
     print(f"wrote {fv.table}")
     return EXIT_OK
+  if fv.config is None:
+    print("error: --config is required, e.g. --config configs/text.py:variant=base",
+          file=sys.stderr)
+    return EXIT_BAD_INPUT
   try:
-    fv = config_lib.parse_argv(argv, fv)
+    cfg = config_lib.parse_argv([argv[0], "--config", fv.config, *rest]).config
     topo = parse_topology(fv.topology, fv.num_slices)
   except (config_lib.ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
-  cfg = fv.config
   try:
     if fv.batch_per_device:
       with_batch_per_device(cfg, fv.batch_per_device, topo)

@@ -69,8 +69,10 @@ def _unknown_key(cfg: ml_collections.ConfigDict, argv: list[str]) -> str | None:
 
 
 def parse_argv(argv: list[str], fv: flags.FlagValues | None = None) -> flags.FlagValues:
-  """Parses argv into `fv` (the absl flags), turning config errors into ConfigError."""
-  fv = flags.FLAGS if fv is None else fv   # (an empty FlagValues is falsy: no `or` here)
+  """Parses `[prog, "--config", SPEC, "--config.KEY=VALUE", ...]` with ml_collections'
+  config_flags (the config loader: the command lines themselves are argparse, d2v_jax/cli.py)
+  into `fv` (default: fresh absl flags), turning config errors into ConfigError."""
+  fv = flags.FlagValues() if fv is None else fv   # (an empty FlagValues is falsy: no `or` here)
   if "config" not in fv:
     config_flags.DEFINE_config_file("config", None, "config file[:args]", flag_values=fv,
                                    sys_argv=argv)  # overrides come from argv, not sys.argv

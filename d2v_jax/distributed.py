@@ -48,7 +48,6 @@ import sys
 from typing import Mapping
 
 import jax
-from absl import flags
 
 from d2v_jax import watchdog
 
@@ -131,20 +130,6 @@ def describe(p: Plan, processes: int, devices: int, local: int, timeout: float |
   if processes > 1 and timeout is not None:
     line += f"; a process silent for {timeout:g} s ends the job (--peer_timeout)"
   return line
-
-
-def define_flags(fv) -> None:
-  """The start-up flags of an absl entry point (the trainer; compile can share them)."""
-  flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0",
-                      flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "multi-process: number of processes",
-                       flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "multi-process: this process's index",
-                       flag_values=fv)
-  flags.DEFINE_float("peer_timeout", None,
-                     "multi-process: seconds without a heartbeat from a process before every "
-                     f"other process names it and exits 1 (default: D2V_PEER_TIMEOUT or "
-                     f"{DEFAULT_PEER_TIMEOUT:g})", flag_values=fv)
 
 
 _STATE: dict = {"plan": None}

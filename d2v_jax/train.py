@@ -18,9 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
 
-from d2v_jax import build as build_lib, checkpoint, config as config_lib, distributed, drift  # noqa: E402
+from d2v_jax import build as build_lib, checkpoint, cli, config as config_lib, distributed, drift  # noqa: E402
 from d2v_jax import eval_hook, init_weights, metrics as metrics_lib, resume, rundir, sharding  # noqa: E402
 from d2v_jax import hooks, validate, watchdog  # noqa: E402
 from d2v_jax.models import attention  # noqa: E402
@@ -28,16 +27,24 @@ from d2v_jax.modality import load as load_modality  # noqa: E402
 
 
 
-def flag_values() -> flags.FlagValues:
-  """Fresh flags of one command line: --workdir, the distributed start-up's
-  (--coordinator_address / --num_processes / --process_id / --peer_timeout,
-  d2v_jax/distributed.py) and, once parsed, --config. Fresh per call, so main() runs
-  in-process as often as a caller likes (tests, notebooks)."""
-  fv = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, resolved config)",
-                      flag_values=fv)
-  distributed.define_flags(fv)
-  return fv
+def parse_args(argv: list[str]):
+  """(argparse namespace, config) of one command line: --workdir, the distributed start-up's
+  flags (d2v_jax/distributed.py add_args, shared with every entry point), --config SPEC and its
+  --config.KEY=VALUE overrides. Fresh per call, so main() runs in-process as often as a caller
+  likes (tests, notebooks). Bad input: one error line, exit 2."""
+  p = cli.ArgumentParser(prog="python -m d2v_jax.train", description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", help="run directory (checkpoints, metrics, resolved config); "
+                 "rerun to resume")
+  p.add_argument("--config", required=True, help="config file[:args], e.g. configs/text.py:variant=base")
+  distributed.add_args(p)
+  a, rest = p.parse_known_args(argv[1:])
+  bad = [r for r in rest if not r.startswith("--config.")]
+  if bad:
+    p.error(f"unknown arguments {bad}")
+  if not a.workdir:
+    cli.fail("--workdir is required (the run directory; rerun the same command to resume)")
+  cfg = config_lib.parse_argv([argv[0], "--config", a.config, *rest]).config
+  return a, cfg
 
 
 def preflight(workdir: str) -> None:
@@ -243,10 +250,12 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
         local = next(data)
         data_pos += 1
         # The step runs with implicit host <-> device copies refused (big_vision does the same):
-        # the batch goes to the devices explicitly (to_global), the metrics come back
-        # explicitly (flush's device_get), and an accidental transfer fails loudly.
+        # the batch goes to the devices before it (to_global: with several processes that is
+        # a transfer the guard would refuse too), the metrics come back explicitly (flush's
+        # device_get), and an accidental transfer inside fails loudly.
+        batch = build_lib.to_global(local, built.batch_shardings)
         with jax.transfer_guard("disallow"):
-          state, m = built.step(state, build_lib.to_global(local, built.batch_shardings))
+          state, m = built.step(state, batch)
         step += 1
         if votes is not None:
           vote = votes.start(preempted.flag)
@@ -317,11 +326,9 @@ def _loop(cfg, workdir, built, mod, saver, guards, preempted, state, step, data_
 def main(argv=None) -> None:
   argv = list(sys.argv if argv is None else argv)
   try:
-    fv = config_lib.parse_argv(argv, flag_values())
+    fv, cfg = parse_args(argv)
   except config_lib.ConfigError as e:
     config_lib.die(str(e))
-  if not fv.workdir:
-    config_lib.die("--workdir is required (the run directory; rerun the same command to resume)")
   preempted = _Preempted()   # before the start-up: a SIGTERM while joining the job also counts
   try:
     distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
@@ -330,7 +337,7 @@ def main(argv=None) -> None:
     config_lib.die(str(e))
   t0 = time.time()
   try:
-    run(fv.config, fv.workdir, preempted=preempted)
+    run(cfg, fv.workdir, preempted=preempted)
   except config_lib.ConfigError as e:
     watchdog.fail(f"error: {e}", code=2)    # several processes: tell the peers, exit 2
     config_lib.die(str(e))

@@ -3,9 +3,10 @@
 
 Input: the student's encoder output scattered back to the full sequence, with N(0, noise_std)
 vectors at the masked positions and no position information (Data2Vec.student_v2 in
-d2v_jax/models/data2vec.py builds it). Each block: Conv (kernel k, 'same' padding, `groups`) -> LayerNorm over channels without
-affine -> GELU, plus the block's input when `residual` and the channel counts match (so a
-decoder narrower than the encoder skips the residual of its first block). Then `proj`:
+d2v_jax/models/data2vec.py builds it). Each block: Conv (kernel k, 'same' padding, `groups`)
+-> LayerNorm over channels without affine -> GELU, plus the block's input when `residual` and
+the channel counts match (so a decoder narrower than the encoder skips the residual of its
+first block). Then `proj`:
 Linear(dim -> width), or Linear(dim -> dim * ratio) -> GELU -> Linear(-> width) for
 `proj_layers` = 2 (text). Initialisation is PyTorch's default for Conv / Linear: fairseq
 re-initialises the audio and image decoders after init_bert_params; its text decoder keeps
