@@ -28,3 +28,14 @@ def kjv_path():
   if not os.path.exists(KJV):
     pytest.skip(f"{KJV} missing: run .ci/setup (installs Debian bible-kjv)")
   return KJV
+
+
+@pytest.fixture(scope="module")
+def fs():
+  """fairseq's own data2vec code (tests/fairseq_ref.py); the tests using it skip with the
+  reason when .ci/setup has not fetched the reference."""
+  import fairseq_ref  # imports torch: only the tests that ask for fairseq pay for it
+  try:
+    return fairseq_ref.load()
+  except RuntimeError as e:
+    pytest.skip(str(e))

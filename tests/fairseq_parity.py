@@ -113,6 +113,39 @@ def compare(ours: Side, ref: Side) -> dict:
           "missing_grads": sorted(set(ref.grads) - set(ours.grads))}
 
 
+def fairseq_v2_side(model, mode: str, source, batch: dict, state: dict, torch) -> Side:
+  """fairseq's data2vec 2.0 forward (train mode) on `source` with our masks as its
+  precomputed_mask: targets from make_targets, the decoder's output at the masked positions,
+  the loss as fairseq's trainer divides it, and every parameter's gradient."""
+  model.train()
+  captured, dec_out = {}, []
+  make_targets = model.make_targets
+  model.make_targets = lambda y, k: captured.setdefault("y", make_targets(y, k))
+  model.modality_encoders[mode].decoder.register_forward_hook(lambda m, i, o: dec_out.append(o))
+  mask = torch.from_numpy(batch["mask"].reshape(-1, batch["mask"].shape[-1]))
+  loss = fairseq_loss(model(source, precomputed_mask=mask))
+  return Side(targets=captured["y"].detach().numpy(), pred=dec_out[0][mask].detach().numpy(),
+              loss=float(loss), grads=torch_grads(model, loss, list(state)))
+
+
+def fairseq_loss(res):
+  """fairseq's loss as its trainer sees it: the summed losses over sample_size."""
+  return sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
+
+
+def ema_after_one_step(model, ema, layout, built, state, batch: dict, torch):
+  """Our full step once, our updated student loaded into fairseq, fairseq's EMA step at update
+  1: (max error over the EMA entries both hold, how many, fairseq's EMA dict, ours)."""
+  new_state, tau = one_step(built, state, batch)
+  load_student(model, layout, new_state.params, torch)
+  model.set_num_updates(1)
+  assert abs(ema.get_decay() - tau) < 1e-7
+  fs_ema = {k: v.numpy() for k, v in ema.fp32_params.items()}
+  ours = teacher_after(layout, new_state)
+  err, n = ema_error(fs_ema, ours)
+  return err, n, fs_ema, ours
+
+
 def one_step(built, state, batch: dict):
   """Our whole train step once (optimizer, then EMA): (new state on host, tau used)."""
   b = build_lib.to_global(batch, built.batch_shardings)

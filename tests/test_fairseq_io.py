@@ -14,17 +14,8 @@ import numpy as np
 import pytest
 
 import fairseq_models as M
-import fairseq_ref
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def fs():
-  try:
-    return fairseq_ref.load()
-  except RuntimeError as e:
-    pytest.skip(str(e))
 
 
 def save_fairseq(fs, model, model_cfg: dict, path: str) -> None:
@@ -85,10 +76,15 @@ def test_fairseq_vocab_tokenizer_gives_fairseq_ids(fs, tmp_path):
   assert merged >= 10   # the merges were used, not just bytes
 
 
-def _import_export(ckpt: str, run: str, hf: str, *extra):
+def _import_export(fs, model, model_cfg, tmp_path, *extra) -> tuple[str, str]:
+  """The fairseq model written as a fairseq checkpoint, `init --fairseq` (with `extra`), then
+  `export`: (run dir, HF dir)."""
   from d2v_jax import export, init
+  ckpt, run, hf = (str(tmp_path / n) for n in ("checkpoint_last.pt", "run", "hf"))
+  save_fairseq(fs, model, model_cfg, ckpt)
   init.main(["--fairseq", ckpt, "--workdir", run, *extra])
   export.main(["--workdir", run, "--out", hf])
+  return run, hf
 
 
 def _hf_model(hf: str, cls=None):
@@ -103,9 +99,7 @@ def test_v2_text_checkpoint_imports_and_exports(fs, tmp_path):
   vocab = fs.Dictionary.load(dict_txt)
   vocab.add_symbol("<mask>")
   model, model_cfg = M.v2_text_model(fs, vocab)
-  ckpt = str(tmp_path / "checkpoint_last.pt")
-  save_fairseq(fs, model, model_cfg, ckpt)
-  _import_export(ckpt, str(tmp_path / "run"), str(tmp_path / "hf"), "--vocab", str(tmp_path / "vocab"))
+  _import_export(fs, model, model_cfg, tmp_path, "--vocab", str(tmp_path / "vocab"))
   from transformers import AutoTokenizer, Data2VecTextModel
   tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   ids = tok(["the theme then", "them then"], padding=True, return_tensors="pt")["input_ids"]
@@ -122,9 +116,7 @@ def test_v2_text_checkpoint_imports_and_exports(fs, tmp_path):
 def test_v2_audio_alibi_checkpoint_imports_and_exports_remote_code(fs, tmp_path):
   torch = fs.torch
   model, model_cfg = M.v2_audio_model(fs)
-  ckpt = str(tmp_path / "checkpoint_last.pt")
-  save_fairseq(fs, model, model_cfg, ckpt)
-  _import_export(ckpt, str(tmp_path / "run"), str(tmp_path / "hf"), "--config.data.max_samples=1600",
+  _import_export(fs, model, model_cfg, tmp_path, "--config.data.max_samples=1600",
                  "--config.data.min_samples=1600", "--config.data.buckets=(1600,)")
   with open(tmp_path / "hf" / "config.json") as f:
     assert json.load(f)["auto_map"]["AutoModel"] == "modeling_d2v_audio_alibi.Data2VecAudioAlibiModel"
@@ -145,10 +137,7 @@ def test_v2_audio_alibi_checkpoint_imports_and_exports_remote_code(fs, tmp_path)
 def test_v2_image_checkpoint_imports_and_exports_remote_code(fs, tmp_path):
   torch = fs.torch
   model, model_cfg = M.v2_image_model(fs)
-  ckpt = str(tmp_path / "checkpoint_last.pt")
-  save_fairseq(fs, model, model_cfg, ckpt)
-  run = str(tmp_path / "run")
-  _import_export(ckpt, run, str(tmp_path / "hf"), "--config.data.min_mask_block=1")
+  run, _ = _import_export(fs, model, model_cfg, tmp_path, "--config.data.min_mask_block=1")
   from d2v_jax import export
   export.main(["--workdir", run, "--out", str(tmp_path / "hf_teacher"), "--weights", "teacher"])
   image = torch.from_numpy(np.random.default_rng(1).normal(size=(2, 3, 16, 16)).astype(np.float32))

@@ -11,21 +11,11 @@ Measured errors (float32, CPU) are printed and listed in docs/fairseq.md.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import fairseq_models as M
 import fairseq_parity as P
-import fairseq_ref
 
 TOL = dict(targets=1e-5, pred=1e-5, loss=1e-5, grad=1e-4, ema=1e-6)
-
-
-@pytest.fixture(scope="module")
-def fs():
-  try:
-    return fairseq_ref.load()
-  except RuntimeError as e:
-    pytest.skip(str(e))
 
 
 def _check(name: str, ours, ref, ema_err, n_ema):
@@ -57,26 +47,10 @@ def test_v2_text_step_matches_fairseq(fs):
   batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
   ours = P.our_side(built, st, batch, layout)
 
-  model.train()
-  captured = {}
-  make_targets = model.make_targets
-  model.make_targets = lambda y, k: captured.setdefault("y", make_targets(y, k))
-  dec_out = []
-  model.modality_encoders["TEXT"].decoder.register_forward_hook(lambda m, i, o: dec_out.append(o))
-  src = torch.from_numpy(batch["source"].astype(np.int64))
-  mask = torch.from_numpy(batch["mask"].reshape(-1, batch["mask"].shape[-1]))
-  res = model(src, precomputed_mask=mask)
-  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
-  ref = P.Side(targets=captured["y"].detach().numpy(), pred=dec_out[0][mask].detach().numpy(),
-               loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
-
-  new_state, tau = P.one_step(built, st, batch)
-  P.load_student(model, layout, new_state.params, torch)
-  model.set_num_updates(1)
-  assert abs(model.ema.get_decay() - tau) < 1e-7
-  ema_err, n = P.ema_error({k: v.numpy() for k, v in model.ema.fp32_params.items()},
-                           P.teacher_after(layout, new_state))
-  assert n == len(model.ema.fp32_params)
+  ref = P.fairseq_v2_side(model, "TEXT", torch.from_numpy(batch["source"].astype(np.int64)),
+                          batch, state, torch)
+  ema_err, n, fs_ema, _ = P.ema_after_one_step(model, model.ema, layout, built, st, batch, torch)
+  assert n == len(fs_ema)
   _check("v2 text", ours, ref, ema_err, n)
 
 
@@ -98,24 +72,9 @@ def test_v2_audio_step_matches_fairseq(fs):
   batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
   ours = P.our_side(built, st, batch, layout)
 
-  model.train()
-  captured, dec_out = {}, []
-  make_targets = model.make_targets
-  model.make_targets = lambda y, k: captured.setdefault("y", make_targets(y, k))
-  model.modality_encoders["AUDIO"].decoder.register_forward_hook(lambda m, i, o: dec_out.append(o))
-  mask = torch.from_numpy(batch["mask"].reshape(-1, batch["mask"].shape[-1]))
-  res = model(torch.from_numpy(batch["audio"]), precomputed_mask=mask)
-  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
-  ref = P.Side(targets=captured["y"].detach().numpy(), pred=dec_out[0][mask].detach().numpy(),
-               loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
-
-  new_state, tau = P.one_step(built, st, batch)
-  P.load_student(model, layout, new_state.params, torch)
-  model.set_num_updates(1)
-  assert abs(model.ema.get_decay() - tau) < 1e-7
-  fs_ema = {k: v.numpy() for k, v in model.ema.fp32_params.items()}
-  ema_err, n = P.ema_error(fs_ema, P.teacher_after(layout, new_state))
-  assert n == len(fs_ema), sorted(set(fs_ema) - set(P.teacher_after(layout, new_state)))
+  ref = P.fairseq_v2_side(model, "AUDIO", torch.from_numpy(batch["audio"]), batch, state, torch)
+  ema_err, n, fs_ema, ours_ema = P.ema_after_one_step(model, model.ema, layout, built, st, batch, torch)
+  assert n == len(fs_ema), sorted(set(fs_ema) - set(ours_ema))
   _check("v2 audio", ours, ref, ema_err, n)
 
 
@@ -141,26 +100,9 @@ def test_v2_image_step_matches_fairseq(fs):
   batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
   ours = P.our_side(built, st, batch, layout)
 
-  model.train()
-  captured, dec_out = {}, []
-  make_targets = model.make_targets
-  model.make_targets = lambda y, k: captured.setdefault("y", make_targets(y, k))
-  model.modality_encoders["IMAGE"].decoder.register_forward_hook(lambda m, i, o: dec_out.append(o))
-  mask = torch.from_numpy(batch["mask"].reshape(-1, batch["mask"].shape[-1]))
   image = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-  res = model(image, precomputed_mask=mask)
-  assert set(res["losses"]) == {"cls", "IMAGE_regression"}
-  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
-  ref = P.Side(targets=captured["y"].detach().numpy(), pred=dec_out[0][mask].detach().numpy(),
-               loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
-
-  new_state, tau = P.one_step(built, st, batch)
-  P.load_student(model, layout, new_state.params, torch)
-  model.set_num_updates(1)
-  assert abs(model.ema.get_decay() - tau) < 1e-7
-  fs_ema = {k: v.numpy() for k, v in model.ema.fp32_params.items()}
-  ours_ema = P.teacher_after(layout, new_state)
-  ema_err, n = P.ema_error(fs_ema, ours_ema)
+  ref = P.fairseq_v2_side(model, "IMAGE", image, batch, state, torch)
+  ema_err, n, fs_ema, ours_ema = P.ema_after_one_step(model, model.ema, layout, built, st, batch, torch)
   assert set(fs_ema) - set(ours_ema) == {"modality_encoders.IMAGE.fixed_positional_encoder.positions"}
   _check("v2 images", ours, ref, ema_err, n)
 
@@ -196,17 +138,10 @@ def test_v1_text_step_matches_fairseq(fs):
   model.encoder.ema.model.forward = teacher
   src = torch.from_numpy(batch["student"].astype(np.int64))
   tgt = torch.from_numpy(batch["source"].astype(np.int64))
-  res = model(src, target_tokens=tgt)
-  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
+  loss = P.fairseq_loss(model(src, target_tokens=tgt))
   ref = P.Side(targets=captured["y"].detach().numpy(), pred=captured["pred"].detach().numpy(),
                loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
-
-  new_state, tau = P.one_step(built, st, batch)
-  P.load_student(model, layout, new_state.params, torch)
-  model.set_num_updates(1)
-  assert abs(model.encoder.ema.get_decay() - tau) < 1e-7
-  fs_ema = {k: v.numpy() for k, v in model.encoder.ema.fp32_params.items()}
-  ema_err, n = P.ema_error(fs_ema, P.teacher_after(layout, new_state))
+  ema_err, n, fs_ema, _ = P.ema_after_one_step(model, model.encoder.ema, layout, built, st, batch, torch)
   assert n == len(fs_ema) - 1   # all but the encoder's `version` buffer
   _check("v1 text", ours, ref, ema_err, n)
 
@@ -241,17 +176,10 @@ def test_v1_audio_step_matches_fairseq(fs):
     return x, layers
   model.ema.model.extract_features = teacher
   mask = torch.from_numpy(batch["mask"])
-  res = model(torch.from_numpy(batch["audio"]), mask_indices=mask)
-  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
+  loss = P.fairseq_loss(model(torch.from_numpy(batch["audio"]), mask_indices=mask))
   ref = P.Side(targets=captured["y"].detach().numpy(), pred=captured["pred"].detach().numpy(),
                loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
-
-  new_state, tau = P.one_step(built, st, batch)
-  P.load_student(model, layout, new_state.params, torch)
-  model.set_num_updates(1)
-  assert abs(model.ema.get_decay() - tau) < 1e-7
-  fs_ema = {k: v.numpy() for k, v in model.ema.fp32_params.items()}
-  ema_err, n = P.ema_error(fs_ema, P.teacher_after(layout, new_state))
+  ema_err, n, fs_ema, _ = P.ema_after_one_step(model, model.ema, layout, built, st, batch, torch)
   assert n == len(fs_ema)
   _check("v1 audio", ours, ref, ema_err, n)
 
@@ -289,20 +217,13 @@ def test_v1_vision_step_matches_fairseq_port(fs, capsys):
     return out
   model.ema.model.forward = teacher
   image = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-  res = model(image)
+  loss = P.fairseq_loss(model(image))
   capsys.readouterr()   # the port's debug prints
-  loss = sum(v.sum() for v in res["losses"].values()) / res["sample_size"]
   ref = P.Side(targets=captured["y"].detach().numpy(), pred=captured["pred"].detach().numpy(),
                loss=float(loss), grads=P.torch_grads(model, loss, list(state)))
   assert "final_proj.weight" not in ref.grads   # created, never used by the port
-
-  new_state, tau = P.one_step(built, st, batch)
-  P.load_student(model, layout, new_state.params, torch)
-  model.set_num_updates(1)
+  ema_err, n, fs_ema, _ = P.ema_after_one_step(model, model.ema, layout, built, st, batch, torch)
   capsys.readouterr()
-  assert abs(model.ema.get_decay() - tau) < 1e-7
-  fs_ema = {k: v.numpy() for k, v in model.ema.fp32_params.items()}
-  ema_err, n = P.ema_error(fs_ema, P.teacher_after(layout, new_state))
   assert n == len(fs_ema) - 1   # all but the position index buffer
   with capsys.disabled():
     _check("v1 vision (fairseq port)", ours, ref, ema_err, n)

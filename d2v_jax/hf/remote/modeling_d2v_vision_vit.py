@@ -4,7 +4,8 @@ AutoModel.from_pretrained(dir, trust_remote_code=True). The blocks are BERT's (a
 Transformer layer with exact GELU), so the weight names are BERT's under `encoder.layer.<i>`.
 
 Input pixel_values [B, C, H, W] (normalised as preprocessor_config.json says); output
-last_hidden_state [B, 1 + patches, D], CLS first.
+last_hidden_state [B, 1 + patches, D], CLS first. The file travels alone with the weights (no
+d2v_jax where it runs): sincos_2d repeats d2v_jax.models.vision.sincos_2d in torch's world.
 """
 
 import numpy as np
