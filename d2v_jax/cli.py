@@ -8,6 +8,7 @@ argparse's own error path prints a usage block of several lines before its messa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -18,6 +19,20 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
   text = " ".join(str(message).split("\n")).strip()
   print(text if text.startswith("error: ") else f"error: {text}", file=sys.stderr, flush=True)
   raise SystemExit(code)
+
+
+def env_seconds(name: str, default: float, env=None) -> float:
+  """A positive number of seconds from environment variable `name` (default when unset);
+  ValueError with one line naming the variable otherwise."""
+  env = os.environ if env is None else env
+  raw = env.get(name, "").strip()
+  try:
+    value = float(raw) if raw else float(default)
+  except ValueError:
+    raise ValueError(f"{name}={raw!r} must be a number of seconds") from None
+  if not value > 0:
+    raise ValueError(f"{name}={raw!r} must be > 0 seconds")
+  return value
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -49,7 +49,7 @@ from typing import Mapping
 
 import jax
 
-from d2v_jax import watchdog
+from d2v_jax import cli, watchdog
 
 DEFAULT_PEER_TIMEOUT = 60.0   # seconds without a heartbeat before a peer counts as dead
 
@@ -111,13 +111,8 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
 
 def peer_timeout(value: float | None = None, env: Mapping[str, str] | None = None) -> float:
   """--peer_timeout, else D2V_PEER_TIMEOUT, else DEFAULT_PEER_TIMEOUT (seconds, > 0)."""
-  env = os.environ if env is None else env
   if value is None:
-    raw = env.get("D2V_PEER_TIMEOUT", "").strip()
-    try:
-      value = float(raw) if raw else DEFAULT_PEER_TIMEOUT
-    except ValueError:
-      raise ValueError(f"D2V_PEER_TIMEOUT={raw!r} must be a number of seconds") from None
+    return cli.env_seconds("D2V_PEER_TIMEOUT", DEFAULT_PEER_TIMEOUT, env)
   if not value > 0:
     raise ValueError(f"the peer timeout ({value}) must be > 0 seconds")
   return float(value)

@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 
+from d2v_jax import cli
 from d2v_jax.config import ConfigError
 
 LOCK_NAME = "run.lock"
@@ -44,15 +45,10 @@ class RunDirError(ConfigError):
 
 
 def stale_seconds(env=None) -> float:
-  env = os.environ if env is None else env
-  raw = env.get("D2V_LOCK_STALE_S", "").strip()
   try:
-    value = float(raw) if raw else DEFAULT_STALE_S
-  except ValueError:
-    raise RunDirError(f"D2V_LOCK_STALE_S={raw!r} must be a number of seconds") from None
-  if not value > 0:
-    raise RunDirError(f"D2V_LOCK_STALE_S={raw!r} must be > 0 seconds")
-  return value
+    return cli.env_seconds("D2V_LOCK_STALE_S", DEFAULT_STALE_S, env)
+  except ValueError as e:
+    raise RunDirError(str(e)) from None
 
 
 def _read_first(path: str) -> str:
