@@ -67,6 +67,14 @@ def build_ours(cfg, layout, state: dict):
   return built, st
 
 
+def our_run(cfg, layout, state: dict):
+  """Our model of cfg with the imported weights, a batch with our real masks (two examples,
+  seed 3), and our side of the row on it: (built, TrainState, batch, Side)."""
+  built, st = build_ours(cfg, layout, state)
+  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
+  return built, st, batch, our_side(built, st, batch, layout)
+
+
 def our_side(built, state, batch: dict, layout) -> Side:
   cfg, model = built.cfg, built.model
   b = jax.tree_util.tree_map(jnp.asarray, batch)

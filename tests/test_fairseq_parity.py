@@ -43,9 +43,7 @@ def test_v2_text_step_matches_fairseq(fs):
       **{"data.path": "synthetic", "data.block_size": 12, "batch_size": 2, "seed": 0,
          "v2.mask_noise_std": 0.0, "model.embed_dropout": 0.0, "optim.warmup_steps": 0,
          "optim.lr": 1e-3, "optim.clip": 0.0})
-  built, st = P.build_ours(cfg, layout, state)
-  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
-  ours = P.our_side(built, st, batch, layout)
+  built, st, batch, ours = P.our_run(cfg, layout, state)
 
   ref = P.fairseq_v2_side(model, "TEXT", torch.from_numpy(batch["source"].astype(np.int64)),
                           batch, state, torch)
@@ -68,9 +66,7 @@ def test_v2_audio_step_matches_fairseq(fs):
          "optim.schedule": "cosine", "optim.warmup_steps": 0, "optim.lr": 1e-3,
          "optim.clip": 0.0, "guards.min_target_var": 0.0, "guards.min_pred_var": 0.0})
   assert cfg.model.alibi and "embed/alibi_scale" in cfg.teacher.ema_subtrees
-  built, st = P.build_ours(cfg, layout, state)
-  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
-  ours = P.our_side(built, st, batch, layout)
+  built, st, batch, ours = P.our_run(cfg, layout, state)
 
   ref = P.fairseq_v2_side(model, "AUDIO", torch.from_numpy(batch["audio"]), batch, state, torch)
   ema_err, n, fs_ema, ours_ema = P.ema_after_one_step(model, model.ema, layout, built, st, batch, torch)
@@ -96,9 +92,7 @@ def test_v2_image_step_matches_fairseq(fs):
   np.testing.assert_allclose(
       sincos_2d(32, 4), state["modality_encoders.IMAGE.fixed_positional_encoder.positions"][0],
       atol=1e-6)
-  built, st = P.build_ours(cfg, layout, state)
-  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
-  ours = P.our_side(built, st, batch, layout)
+  built, st, batch, ours = P.our_run(cfg, layout, state)
 
   image = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
   ref = P.fairseq_v2_side(model, "IMAGE", image, batch, state, torch)
@@ -119,10 +113,8 @@ def test_v1_text_step_matches_fairseq(fs):
       "configs/text.py:variant=tiny", model_cfg, state,
       **{"data.path": "synthetic", "data.block_size": 12, "batch_size": 2, "seed": 0,
          "optim.warmup_steps": 0, "optim.lr": 1e-3, "optim.clip": 0.0})
-  built, st = P.build_ours(cfg, layout, state)
-  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
+  built, st, batch, ours = P.our_run(cfg, layout, state)
   assert batch["mask"].sum() > 0 and (batch["student"][batch["mask"]] == len(vocab) - 1).all()
-  ours = P.our_side(built, st, batch, layout)
 
   model.train()
   captured = {}
@@ -159,9 +151,7 @@ def test_v1_audio_step_matches_fairseq(fs):
          "data.span": 3, "batch_size": 2, "seed": 0, "optim.schedule": "cosine",
          "optim.warmup_steps": 0, "optim.lr": 1e-3, "optim.clip": 0.0,
          "guards.min_target_var": 0.0, "guards.min_pred_var": 0.0})
-  built, st = P.build_ours(cfg, layout, state)
-  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
-  ours = P.our_side(built, st, batch, layout)
+  built, st, batch, ours = P.our_run(cfg, layout, state)
 
   model.train()
   captured = {}
@@ -199,9 +189,7 @@ def test_v1_vision_step_matches_fairseq_port(fs, capsys):
       **{"batch_size": 2, "seed": 0, "data.min_mask_block": 2, "data.num_mask_patches": 6,
          "optim.warmup_steps": 0, "optim.lr": 1e-3, "optim.clip": 0.0, "optim.init_lr_scale": 0.0})
   assert cfg.head.layers == 0 and cfg.teacher.share_local
-  built, st = P.build_ours(cfg, layout, state)
-  batch = built.modality.data.synthetic_batch(cfg, 2, seed=3)
-  ours = P.our_side(built, st, batch, layout)
+  built, st, batch, ours = P.our_run(cfg, layout, state)
 
   model.train()
   captured = {}
