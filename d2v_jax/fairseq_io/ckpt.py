@@ -17,12 +17,12 @@ import numpy as np
 from d2v_jax.config import ConfigError
 
 
-def _plain(cfg):
+def plain(cfg):
   """OmegaConf / Namespace / dict -> plain dict with interpolations resolved where possible."""
   if cfg is None:
     return {}
   if isinstance(cfg, dict):
-    return {k: _plain(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    return {k: plain(v) if isinstance(v, dict) else v for k, v in cfg.items()}
   # omegaconf comes with the fairseq checkpoints that pickle it (requirements.txt)
   from omegaconf import DictConfig, OmegaConf
   if isinstance(cfg, DictConfig):
@@ -59,9 +59,9 @@ def read(path: str) -> tuple[dict, dict]:
     raise ConfigError(f"{path!r} is not a fairseq checkpoint (no 'model' state dict)")
   cfg = ckpt.get("cfg")
   if cfg is not None:
-    model_cfg = _plain(cfg).get("model") or {}
+    model_cfg = plain(cfg).get("model") or {}
   elif ckpt.get("args") is not None:   # fairseq 1.0-era files: a flat argparse Namespace
-    model_cfg = _plain(ckpt["args"])
+    model_cfg = plain(ckpt["args"])
     model_cfg.setdefault("_name", model_cfg.get("arch"))
   else:
     raise ConfigError(f"{path!r} has neither 'cfg' nor 'args': no model config to build from")
