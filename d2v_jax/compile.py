@@ -6,6 +6,7 @@
   python -m d2v_jax.compile --config configs/vision.py:variant=base --topology v5e-16 --num_slices=2
   python -m d2v_jax.compile --config configs/text.py:variant=base --topology v6e-8 --search_batch
   python -m d2v_jax.compile --table docs/scale.md   # regenerates the scale table (slow)
+  python -m d2v_jax.compile --table docs/scale.md --fits   # the fit= choices (d2v_jax/fits.py)
 
 The step is the trainer's own (d2v_jax/aot.py: memory, compiled and analytic FLOPs, a
 roofline lower bound on the step time, not a measurement; MFU is a measured step time's
@@ -34,7 +35,7 @@ import sys
 
 from d2v_jax import console  # noqa: F401,E402  (first: quiet console, d2v_jax/console.py)
 
-from d2v_jax import cli, config as config_lib, scale_table, scaling  # noqa: E402
+from d2v_jax import cli, config as config_lib, fits, scale_table, scaling  # noqa: E402
 from d2v_jax.aot import compile_step  # noqa: E402
 from d2v_jax.batch_search import (remat_names, remat_table, search_batch, search_remat,  # noqa: E402
                                   with_batch_per_device)
@@ -62,6 +63,9 @@ def _parser() -> cli.ArgumentParser:
                  help="compile for fake CPU devices even if libtpu exists")
   p.add_argument("--json", default=None, help="also write the report as JSON here")
   p.add_argument("--table", default=None, help="regenerate the scale table (markdown) at this path")
+  p.add_argument("--fits", action="store_true",
+                 help="table: the fit= choice of each recipe and slice (d2v_jax/fits.py) instead "
+                 "of the largest batch")
   p.add_argument("--cache", default=scale_table.TABLE_CACHE,
                  help="table: JSON-lines cache of compiled rows")
   p.add_argument("--entries", action="append", default=None,
@@ -119,10 +123,16 @@ def _main_remat(cfg, topo, devices, backend, policies, fv) -> int:
   return EXIT_OK if best is not None else EXIT_NO_FIT
 
 
-def oom_advice(cfg) -> str:
-  """What to try next, in the order that costs the least: only what the config has not
-  already set (bfloat16, full remat, FSDP), then a smaller batch with the scaling rule."""
+def oom_advice(cfg, topo=None) -> str:
+  """What to try next, in the order that costs the least: the measured `fit=` choice for this
+  slice when one exists (d2v_jax/fits.py), then only what the config has not already set
+  (bfloat16, full remat, FSDP), then a smaller batch with the scaling rule."""
   steps = []
+  if topo is not None and any(k[0] == cfg.modality and k[2] == cfg.objective and k[3] == topo.name
+                              for k in fits.FITS):
+    steps.append(f"the measured choice for this slice: add fit={topo.name} to the config "
+                 f"arguments (configs/{cfg.modality}.py:variant=...,fit={topo.name}; docs/scale.md "
+                 "\"Recipes that fit\")")
   if cfg.dtype != "bfloat16":
     steps.append("--config.dtype=bfloat16")
   if cfg.model.encoder.remat != "full":
@@ -151,9 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     if fv.config is not None:
       print("error: --table builds its own configs (--entries); drop --config", file=sys.stderr)
       return EXIT_BAD_INPUT
-    entries = tuple(fv.entries) if fv.entries else tuple(scale_table.TABLE_ENTRIES)
-    scale_table.table(fv.table, entries=entries, topologies=tuple(fv.topologies.split(",")),
-                      force_cpu=fv.fallback, cache_path=fv.cache)
+    topologies = tuple(fv.topologies.split(","))
+    if fv.fits:
+      entries = tuple(fv.entries) if fv.entries else scale_table.FIT_ENTRIES
+      scale_table.fit_table(fv.table, entries=entries, topologies=topologies,
+                            force_cpu=fv.fallback, cache_path=fv.cache,
+                            max_trials=min(fv.max_trials, 4))
+    else:
+      entries = tuple(fv.entries) if fv.entries else tuple(scale_table.TABLE_ENTRIES)
+      scale_table.table(fv.table, entries=entries, topologies=topologies,
+                        force_cpu=fv.fallback, cache_path=fv.cache)
     print(f"wrote {fv.table}")
     return EXIT_OK
   if fv.config is None:
@@ -198,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     used = (f"needs {report.memory['total'] / GiB:.2f} GiB per device" if report.memory
             else f"was refused by the compiler ({report.error})")
     print(f"error: the step does not fit {topo.chip.name} HBM ({topo.chip.hbm_gib:g} GiB per "
-          f"device): it {used}. {oom_advice(cfg)}", file=sys.stderr)
+          f"device): it {used}. {oom_advice(cfg, topo)}", file=sys.stderr)
     return EXIT_NO_FIT
   return EXIT_OK
 

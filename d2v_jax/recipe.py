@@ -14,10 +14,12 @@ from ml_collections import config_dict
 def parse_arg(arg: str | None, **defaults) -> dict:
   """`"variant=base,runlocal"` -> {"variant": "base", "runlocal": True} over `defaults`.
 
-  Every config takes `variant`, `runlocal` and `v2`; `runlocal` without a variant means the
-  tiny variant (a laptop-sized run), otherwise the variant defaults to base."""
+  Every config takes `variant`, `runlocal`, `v2` and `fit` (a TPU topology: d2v_jax/fits.py);
+  `runlocal` without a variant means the tiny variant (a laptop-sized run), otherwise the
+  variant defaults to base."""
   defaults.setdefault("runlocal", False)
   defaults.setdefault("v2", False)
+  defaults.setdefault("fit", "")
   variant_default = defaults.get("variant", "base")
   defaults["variant"] = ""
   out = dict(defaults)
@@ -234,10 +236,14 @@ def finish(c: ml_collections.ConfigDict, args: dict) -> ml_collections.ConfigDic
   """Last line of every get_config: the production variants (base, large) compute in
   bfloat16 (params, teacher and optimizer state stay float32; docs/recipes.md), the small
   ones and runlocal in float32 (CPU tests compare numbers exactly); the recipe's global
-  batch is the scaling reference."""
+  batch is the scaling reference; `fit=<topology>` then sets mesh, remat and batch for that
+  slice (d2v_jax/fits.py)."""
+  from d2v_jax import fits   # here: only a config that names a slice needs the topologies
+
   if args["variant"] in ("base", "large") and not args["runlocal"]:
     c.dtype = "bfloat16"
   c.scaling.reference_batch = c.batch_size
+  fits.apply(c, args)
   return c
 
 

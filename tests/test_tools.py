@@ -94,3 +94,26 @@ def test_errors_name_the_run(runs, tmp_path):
   never = _run(tmp_path, "never", {100: 50.0}, {100: 0.1}, ckpts=(100,))
   assert tool.table(v1, never, data)[-1] == ("v2 (long run) first reaches v1's final accuracy: "
                                             "not within its run")
+
+
+def test_scaling_summary_row(tmp_path):
+  """tools/scaling_summary.py: loss of the last log window at 1/4, 1/2, 3/4 and all of the steps,
+  the run's lr and tau, and each probe's margin over the random init in sd."""
+  spec = importlib.util.spec_from_file_location("scaling_summary",
+                                                os.path.join(ROOT, "tools", "scaling_summary.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  run = tmp_path / "scale_text_4B"
+  os.makedirs(run / "probe")
+  json.dump({"batch_size": 64, "total_steps": 40, "optim": {"lr": 1e-3},
+             "teacher": {"tau_start": 0.996006, "tau_end": 0.9996}}, open(run / "config.json", "w"))
+  with open(run / "metrics.jsonl", "w") as f:
+    for step in range(5, 41, 5):
+      f.write(json.dumps({"step": step, "loss": step / 10}) + "\n")
+    f.write(json.dumps({"step": 40, "rank_student": 3.0}) + "\n")     # an eval row: no loss
+  probe = lambda acc, std, rank: {"linear_acc": acc, "linear_acc_std": std, "effective_rank": rank}
+  json.dump({"rows": [probe(0.44, 0.01, 43.2), probe(0.40, 0.02, 53.0)]},
+            open(run / "probe" / "kjv_group_student+random_layer2.json", "w"))
+  assert mod.summarise(str(run)) == (
+      "| scale_text_4B | 64 x 40 | 0.001 | 0.99601 -> 0.9996 | 1.000 / 2.000 / 3.000 / 4.000 | "
+      "kjv_group 0.440 +- 0.010 (random 0.400, +2.0 sd; rank 43) |")
