@@ -6,7 +6,8 @@ are in range for the chosen model, and writes the resolved config next to the ru
 parse_argv also records which keys the command line set (explicit_keys): values resolved
 later from a tokenizer (text model.pad_id / vocab_size) or an init.hf directory (the
 architecture, d2v_jax/init_weights.py) never overwrite them; a contradiction is a one-line
-error. Range checks: d2v_jax/validate.py; defaults of keys older runs lack: LATE_DEFAULTS.
+error. Range checks: d2v_jax/validate.py; defaults of keys older runs lack: LATE_DEFAULTS, filled
+by d2v_jax/resolve.py (the one phase that changes a config).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
                                  2.0 text / audio / image): student, EMA teacher, head / decoder,
                                  and the architecture (d2v_jax/fairseq_io/load.py)
 
-init.hf also fixes the architecture: `resolve_config(cfg)` (run by d2v_jax.validate.validate,
+init.hf also fixes the architecture: `resolve_config(cfg)` (run by d2v_jax.resolve.settings,
 so before anything is built, on every launch) copies the directory's config.json fields of the
 modality's ARCH table (hf/<modality>.py: config.json field -> our key) into model.*, and for
 text sets data.tokenizer to the directory when it holds a tokenizer and data.tokenizer is

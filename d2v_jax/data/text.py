@@ -43,7 +43,7 @@ from d2v_jax.data.text_tokenizer import SPECIAL_TOKENS, corpus_encoder, load_tok
 
 _MASK_SALT = 0x7E47     # separates the mask stream from the order stream (same cfg.seed)
 _CONST_BYTES = 256 << 20  # blocks up to this size live in a tf constant; above: memmap
-# Data keys added after runs were written (config.fill_defaults, d2v_jax/validate.py).
+# Data keys added after runs were written (config.fill_defaults, d2v_jax/resolve.py).
 LATE_DEFAULTS = {"data.max_unk_frac": text_corpus.MAX_UNK_FRAC, "data.tfds_data_dir": "",
                  "data.threads": 0}
 

@@ -1,7 +1,7 @@
 """init.fairseq: a new run (or `python -m d2v_jax.init --fairseq`) that starts from a fairseq
 data2vec checkpoint, where fairseq stopped: student, EMA teacher, regression head / decoder.
 
-`resolve_config(cfg)` (run by validate through init_weights.resolve_config, before anything is
+`resolve_config(cfg)` (run by resolve through init_weights.resolve_config, before anything is
 built) takes the checkpoint's settings (arch.py). Its architecture keys (ARCH_PREFIXES: shapes,
 norms, positional encoders, what the teacher averages and shares) are fixed: a command-line
 value that contradicts one is a one-line error. The rest (dropouts, targets, loss, EMA
