@@ -126,9 +126,9 @@ def explicit_keys(cfg) -> frozenset:
 
 
 def mark_resolved(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Marks a config read back from a run (config.json, checkpoint meta): its values were
-  resolved when the run started, so nothing is resolved again (e.g. from an init.hf directory
-  that may be gone by now)."""
+  """Marks a config whose values are derived: read back from a run (config.json, checkpoint
+  meta: resolved when the run started), or through resolve.settings. Nothing is resolved again
+  (e.g. from an init.hf directory that may be gone by now, or a batch scaled twice)."""
   object.__setattr__(cfg, "_d2v_resolved", True)
   return cfg
 

@@ -30,6 +30,9 @@ def settings(cfg, mod: Modality | None = None) -> Modality:
   config_lib.fill_defaults(cfg, getattr(mod.data, "LATE_DEFAULTS", {}))
   init_weights.resolve_config(cfg)
   scaling.apply(cfg)
+  # Once per config object: a second call (build() of a config made in code, again) derives
+  # nothing twice. A mark on the object, not a config key: config.json stays as it is.
+  config_lib.mark_resolved(cfg)
   return mod
 
 
@@ -40,10 +43,7 @@ def data(cfg, mod: Modality, workdir: str | None = None):
   else:
     mod.data.prepare(cfg, workdir)
   cfg.lock()   # no new keys from here on
-  # Marks on the object, not config keys (config.json stays as it is): resolved (scaling and
-  # the init's architecture are not derived again) and frozen (checked: build skips step 1-2).
-  config_lib.mark_resolved(cfg)
-  object.__setattr__(cfg, "_d2v_frozen", True)
+  object.__setattr__(cfg, "_d2v_frozen", True)   # checked: build() skips steps 1-2
   return cfg
 
 
