@@ -18,9 +18,8 @@ import time
 import flax.linen as nn
 import jax
 
-from d2v_jax import build as build_lib, flops, sharding
+from d2v_jax import build as build_lib, flops, resolve, sharding
 from d2v_jax.models import attention, transformer
-from d2v_jax.modality import load as load_modality
 from d2v_jax.topology import GiB, Topology, roofline
 
 
@@ -103,13 +102,6 @@ class Report:
     return out
 
 
-def resolve_for_compile(cfg) -> None:
-  """Fills data-dependent config values without reading data (modality prepare() would read
-  the corpus): e.g. a text vocabulary is the size the tokenizer would be trained to. What the
-  model chooses per platform follows the topology's devices (build.py)."""
-  load_modality(cfg.modality).data.resolve_offline(cfg, "")
-
-
 def _oom_message(err: Exception) -> str | None:
   text = str(err)
   if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower():
@@ -120,9 +112,11 @@ def _oom_message(err: Exception) -> str | None:
 
 def compile_step(cfg, topo: Topology, *, devices=None, backend: str = "tpu") -> Report:
   """Builds the trainer's step for `devices` (the topology's), compiles it, and reports."""
-  resolve_for_compile(cfg)
+  # The data's keys without reading data (a text vocabulary: the size its tokenizer would be
+  # trained to); what the model chooses per platform follows the topology's devices (build.py).
+  mod = resolve.resolve(cfg)
   t0 = time.time()
-  built = build_lib.build(cfg, devices=devices)
+  built = build_lib.build(cfg, devices=devices, mod=mod)
   mesh = built.mesh
   sharding.check_batch(cfg.batch_size, mesh)
   state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

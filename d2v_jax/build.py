@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2v_jax import ema, optim, sharding, step as step_lib, validate
-from d2v_jax.modality import load as load_modality
+from d2v_jax import ema, optim, resolve, sharding, step as step_lib, validate
+from d2v_jax.modality import Modality, load as load_modality
 from d2v_jax.models import cpu_ops, data2vec
 from d2v_jax.state import TrainState
 
@@ -34,11 +34,14 @@ class Built:
   step_fn: Callable         # the un-jitted pure step
 
 
-def build(cfg, *, mesh=None, devices=None) -> Built:
-  """cfg must be resolved (modality prepare() already ran, e.g. vocab_size set); it is
-  validated here (d2v_jax/validate.py)."""
-  validate.validate(cfg)
-  mod = load_modality(cfg.modality)
+def build(cfg, *, mesh=None, devices=None, mod: Modality | None = None) -> Built:
+  """cfg: resolved by resolve.resolve (frozen: taken as it is), or made in code with its data
+  keys set (e.g. vocab_size): then its settings are resolved and checked here. `mod`: the
+  modality, when the caller loaded it."""
+  if not resolve.frozen(cfg):
+    mod = resolve.settings(cfg, mod)
+    validate.validate(cfg, mod)
+  mod = mod or load_modality(cfg.modality)
   mesh = mesh or sharding.make_mesh(cfg.mesh, devices)
   # The model is built for the mesh's platform (attention kernels, CPU-only speed-ups): an
   # ahead-of-time compile for TPU devices from a CPU host gets the TPU program.

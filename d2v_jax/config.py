@@ -6,7 +6,8 @@ are in range for the chosen model, and writes the resolved config next to the ru
 parse_argv also records which keys the command line set (explicit_keys): values resolved
 later from a tokenizer (text model.pad_id / vocab_size) or an init.hf directory (the
 architecture, d2v_jax/init_weights.py) never overwrite them; a contradiction is a one-line
-error. Range checks: d2v_jax/validate.py; defaults of keys older runs lack: LATE_DEFAULTS.
+error. Range checks: d2v_jax/validate.py; defaults of keys older runs lack: LATE_DEFAULTS, filled
+by d2v_jax/resolve.py (the one phase that changes a config).
 """
 
 from __future__ import annotations
@@ -125,9 +126,9 @@ def explicit_keys(cfg) -> frozenset:
 
 
 def mark_resolved(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Marks a config read back from a run (config.json, checkpoint meta): its values were
-  resolved when the run started, so nothing is resolved again (e.g. from an init.hf directory
-  that may be gone by now)."""
+  """Marks a config whose values are derived: read back from a run (config.json, checkpoint
+  meta: resolved when the run started), or through resolve.settings. Nothing is resolved again
+  (e.g. from an init.hf directory that may be gone by now, or a batch scaled twice)."""
   object.__setattr__(cfg, "_d2v_resolved", True)
   return cfg
 

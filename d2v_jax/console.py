@@ -21,6 +21,7 @@ Only defaults (os.environ.setdefault): a variable the user set wins, and nothing
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.abc
 import os
@@ -116,32 +117,27 @@ class _QuietLoader(importlib.abc.Loader):
       module.__spec__.loader = self._loader
 
 
-class _captured_stderr:
+@contextlib.contextmanager
+def _captured_stderr():
   """fd 2 -> a temporary file; on exit its lines minus NOISE go back to stderr."""
-
-  def __enter__(self):
-    self._saved = None
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (OSError, ValueError):   # no usable fd 2 (embedded interpreters): no capture
+    yield
+    return
+  with tempfile.TemporaryFile(mode="w+b") as tmp:
+    os.dup2(tmp.fileno(), 2)
     try:
-      sys.stderr.flush()
-      self._saved = os.dup(2)
-    except (OSError, ValueError):   # no usable fd 2 (embedded interpreters): no capture
-      return self
-    self._tmp = tempfile.TemporaryFile(mode="w+b")
-    os.dup2(self._tmp.fileno(), 2)
-    return self
-
-  def __exit__(self, *exc):
-    if self._saved is None:
-      return False
-    os.dup2(self._saved, 2)
-    os.close(self._saved)
-    with self._tmp:
-      self._tmp.seek(0)
-      kept = filter_lines(self._tmp.read().decode("utf-8", errors="replace"))
-    if kept:
-      sys.stderr.write(kept)
-      sys.stderr.flush()
-    return False
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      kept = filter_lines(tmp.read().decode("utf-8", errors="replace"))
+      if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
 
 
 def install() -> None:

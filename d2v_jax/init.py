@@ -29,7 +29,7 @@ from d2v_jax import console  # noqa: F401  (before jax / TF: quiet console)
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from d2v_jax import build as build_lib, checkpoint, cli, config as config_lib, modality, rundir, validate  # noqa: E402
+from d2v_jax import build as build_lib, checkpoint, cli, config as config_lib, modality, resolve, rundir  # noqa: E402
 from d2v_jax.data import fairseq_vocab  # noqa: E402
 from d2v_jax.fairseq_io import load as fairseq_load  # noqa: E402
 from d2v_jax.init_weights import init_keys, initial_params, read_hf_config  # noqa: E402
@@ -53,9 +53,8 @@ def write_run(cfg, workdir: str) -> int:
     raise config_lib.ConfigError("nothing to import: set --hf DIR (init.hf), --fairseq CKPT "
                                  "(init.fairseq) or init.checkpoint")
   _refuse_existing(workdir)
-  validate.validate(cfg)        # resolves the architecture from init.hf / init.fairseq
-  modality.load(cfg.modality).data.resolve_offline(cfg, workdir)
-  built = build_lib.build(cfg)
+  mod = resolve.resolve(cfg)    # the architecture from init.hf / init.fairseq; no data read
+  built = build_lib.build(cfg, mod=mod)
   state = initial_params(cfg, built, built.init(cfg.seed))
   os.makedirs(workdir, exist_ok=True)
   mngr = checkpoint.manager(workdir, async_save=False)

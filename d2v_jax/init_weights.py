@@ -8,7 +8,7 @@
                                  2.0 text / audio / image): student, EMA teacher, head / decoder,
                                  and the architecture (d2v_jax/fairseq_io/load.py)
 
-init.hf also fixes the architecture: `resolve_config(cfg)` (run by d2v_jax.validate.validate,
+init.hf also fixes the architecture: `resolve_config(cfg)` (run by d2v_jax.resolve.settings,
 so before anything is built, on every launch) copies the directory's config.json fields of the
 modality's ARCH table (hf/<modality>.py: config.json field -> our key) into model.*, and for
 text sets data.tokenizer to the directory when it holds a tokenizer and data.tokenizer is
@@ -85,9 +85,7 @@ def resolve_config(cfg) -> None:
   the same way from the checkpoint (fairseq_io/load.py)."""
   fairseq_load.resolve_config(cfg)
   hf_path, _ = init_keys(cfg)
-  if not hf_path or getattr(cfg, "_d2v_hf_resolved", None) == hf_path:
-    return
-  if config_lib.is_resolved(cfg):
+  if not hf_path or config_lib.is_resolved(cfg):
     return
   hf_map = load_modality(cfg.modality).hf()
   hf_json = check_family(hf_path, cfg.modality, hf_map)
@@ -115,7 +113,6 @@ def resolve_config(cfg) -> None:
   if hasattr(hf_map, "resolve_config"):   # what else the directory fixes (text: its tokenizer)
     changed += hf_map.resolve_config(cfg, hf_path, explicit)
   config_lib.mark_explicit(cfg, fixed)   # the tokenizer / data prepare must not override them
-  object.__setattr__(cfg, "_d2v_hf_resolved", hf_path)
   if changed and jax.process_index() == 0:
     print(f"init.hf={hf_path}: {', '.join(changed)} (from its config.json)", flush=True)
 

@@ -14,7 +14,7 @@ Every recipe (configs/<m>.py) sets scaling.reference_batch to its own batch; 0 t
 off. The rule applies when the global batch comes from the command line (--config.batch_size)
 or a config file asks for it (scaling.apply=True, as the per-topology `fit=` choices do); a
 batch changed in code (tests, benchmarks, the batch search) is taken as it is. Keys given on
-the command line are taken as they are (the user chose them). `apply(cfg)` runs in validate,
+the command line are taken as they are (the user chose them). `apply(cfg)` runs in resolve,
 once: it writes the recipe's values to scaling.recipe (so config.json, and
 with it resume and export, records both), the scaled ones to their usual keys, and prints one
 line. `scaled(cfg, batch)` is the same rule as a pure function (the compile reports).

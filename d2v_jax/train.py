@@ -21,9 +21,8 @@ import numpy as np  # noqa: E402
 
 from d2v_jax import build as build_lib, checkpoint, cli, config as config_lib, distributed, drift  # noqa: E402
 from d2v_jax import eval_hook, init_weights, metrics as metrics_lib, resume, rundir, sharding  # noqa: E402
-from d2v_jax import hooks, validate, watchdog  # noqa: E402
+from d2v_jax import hooks, resolve as resolve_lib, validate, watchdog  # noqa: E402
 from d2v_jax.models import attention  # noqa: E402
-from d2v_jax.modality import load as load_modality  # noqa: E402
 
 
 
@@ -136,9 +135,10 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
 
 def _run_locked(cfg, workdir: str, devices, preempted: _Preempted, lock) -> dict:
   pid, nproc = jax.process_index(), jax.process_count()
-  mod = load_modality(cfg.modality)
-  # Every range check before anything is prepared or written into the run directory.
-  validate.validate(cfg)
+  # resolve.resolve in its steps: every range check before anything is prepared or written
+  # into the run directory.
+  mod = resolve_lib.settings(cfg)
+  validate.validate(cfg, mod)
   rundir.check_paths(workdir, cfg, writer=pid == 0)
   resume.precheck(cfg, workdir)   # a resume that would change the run: refused before any work
   guards = metrics_lib.Guards(cfg.guards)
@@ -146,8 +146,8 @@ def _run_locked(cfg, workdir: str, devices, preempted: _Preempted, lock) -> dict
   # audio indexing can take minutes; a mesh that does not fit should fail at once).
   mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch(cfg.batch_size, mesh, nproc)
-  mod.data.prepare(cfg, workdir)
-  built = build_lib.build(cfg, mesh=mesh)
+  resolve_lib.data(cfg, mod, workdir)   # the modality's prepare(), then the config is frozen
+  built = build_lib.build(cfg, mesh=mesh, mod=mod)
 
   saver = checkpoint.Saver(workdir, keep=cfg.keep_checkpoints)
   finished, changes = False, None

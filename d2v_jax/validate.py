@@ -1,14 +1,13 @@
 """Every check of a config, in one place, before anything is built or read.
 
-`validate(cfg)` (build.build, the trainer and `python -m d2v_jax.init` call it; idempotent):
+`validate(cfg)` only checks: it reads no file and changes nothing. It runs once per entry
+point, on the config d2v_jax/resolve.py filled (late defaults, the init's architecture, the
+batch scaling): resolve.resolve calls it, the trainer between its resolve steps, build() for
+a config made in code.
 
-1. fills the keys that configs of older runs lack (config.LATE_DEFAULTS and the modality's
-   data LATE_DEFAULTS), so code reads every key directly;
-2. takes the architecture from an init.hf directory (init_weights.resolve_config), so the
-   checks and everything built after them see the weights' shapes, then scales the recipe to
-   the global batch (scaling.apply: lr, EMA decays, step counts);
-3. range checks that hold for every modality, the guards and the evaluation keys;
-4. the modality's own checks (data.validate).
+1. range checks that hold for every modality, the scaling settings, the guards and the
+   evaluation keys;
+2. the modality's own checks (data.validate) and what its embedder must have (check_embedder).
 
 A failed check raises config.ConfigError with one line: the key, its value and what is allowed.
 """
@@ -17,19 +16,18 @@ from __future__ import annotations
 
 import math
 
-from d2v_jax import config as config_lib, init_weights, metrics, objectives, optim, scaling
+from d2v_jax import config as config_lib, metrics, objectives, optim, scaling
 from d2v_jax.config import ConfigError
-from d2v_jax.modality import check_embedder, load as load_modality
+from d2v_jax.modality import Modality, check_embedder, load as load_modality
 from d2v_jax.probe.features import layer_index
 
 NORMS = ("layer", "instance", "none")
 
 
-def validate(cfg) -> None:
-  mod = load_modality(cfg.modality)
-  config_lib.fill_defaults(cfg, getattr(mod.data, "LATE_DEFAULTS", {}))
-  init_weights.resolve_config(cfg)
-  scaling.apply(cfg)   # after the init's settings: they may carry the recipe's schedule
+def validate(cfg, mod: Modality | None = None) -> None:
+  """Raises ConfigError on the first failed check; `mod`: the modality, when already loaded."""
+  mod = mod or load_modality(cfg.modality)
+  scaling.check(cfg)
   for ok, msg in _finite(cfg) + _values(cfg) + _common(cfg) + _v2(cfg) + _guards(cfg.guards) + _eval(cfg):
     if not ok:
       raise ConfigError(msg)

@@ -22,7 +22,7 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
 from d2v_jax import build as build_lib, checkpoint, config as config_lib, ema, export, init as init_cli
-from d2v_jax import init_weights, validate
+from d2v_jax import init_weights, resolve
 from d2v_jax.hf import common
 from d2v_jax.modality import load as load_modality
 from hf_utils import perturb_, train_tiny_bpe
@@ -347,7 +347,7 @@ def test_init_hf_command_line_keys(bert_vocab_model):
   src, _, tok = bert_vocab_model
   base = ["--config", "configs/text.py:variant=tiny", f"--config.init.hf={src}"]
   cfg = parse(base + ["--config.model.encoder.hidden=96"])     # agrees: fine
-  validate.validate(cfg)
+  resolve.resolve(cfg)
   enc = cfg.model.encoder
   assert (enc.num_layers, enc.hidden, enc.heads, enc.mlp_dim, enc.layer_norm_eps) == (3, 96, 4, 160, 1e-12)
   assert (cfg.model.max_positions, cfg.model.pad_id, cfg.model.type_vocab, cfg.model.vocab_size,
@@ -360,7 +360,7 @@ def test_init_hf_command_line_keys(bert_vocab_model):
                     ("model.encoder.layer_norm_eps=1e-05", "config.json layer_norm_eps=1e-12")]:
     cfg = parse(base + [f"--config.{flag}"])
     with pytest.raises(config_lib.ConfigError) as e:
-      validate.validate(cfg)
+      resolve.resolve(cfg)
     assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from absl import flags
 
-from d2v_jax import config as config_lib, ema, validate
+from d2v_jax import config as config_lib, ema, resolve
 
 
 def _cfg(*args, spec="configs/text.py:variant=base"):
   cfg = config_lib.parse_argv(["prog", "--config", spec, *args], flags.FlagValues()).config
   cfg.model.vocab_size = 50265
-  validate.validate(cfg)
+  resolve.resolve(cfg)
   return cfg
 
 
@@ -31,7 +31,7 @@ def test_closed_forms_at_4x(capsys):
   assert (r.lr, r.tau_start, r.total_steps) == (2e-4, 0.999, 1_000_000)
   line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("batch 1024")]
   assert len(line) == 1 and "optim.lr 0.0002 -> 0.0004" in line[0]
-  validate.validate(cfg)       # once: a second validate leaves it as it is
+  resolve.resolve(cfg)         # once: a second resolve leaves it as it is
   assert cfg.optim.lr == pytest.approx(4e-4) and cfg.total_steps == 250_000
 
 
@@ -51,7 +51,7 @@ def test_linear_rule_none_rule_and_given_keys():
 def test_batch_set_in_code_is_taken_as_is():
   cfg = config_lib.load_file("configs/text.py:variant=base")
   cfg.model.vocab_size, cfg.batch_size = 50265, 1024
-  validate.validate(cfg)
+  resolve.resolve(cfg)
   assert cfg.optim.lr == 2e-4 and cfg.total_steps == 1_000_000
 
 

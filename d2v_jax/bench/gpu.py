@@ -113,9 +113,10 @@ def host_batch(cfg, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   b = cfg.batch_size
   if cfg.modality == "text":
+    # after stub_tensorflow(): the data modules import TensorFlow at their top
+    from d2v_jax.data.text import random_ids
     v, t = cfg.model.vocab_size, cfg.data.block_size
-    source = rng.integers(4, v - 1, (b, t), dtype=np.int32)
-    source[:, 0], source[:, -1] = 0, 2
+    source = random_ids(rng, b, t, v)
     mask = rng.random((b, t)) < 0.15
     mask[:, 0] = mask[:, -1] = False
     return {"source": source, "student": np.where(mask, v - 1, source).astype(np.int32),

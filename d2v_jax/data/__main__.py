@@ -25,16 +25,10 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from d2v_jax import cli, config as config_lib, modality, validate  # noqa: E402
+from d2v_jax import cli, config as config_lib, resolve  # noqa: E402
 from d2v_jax.config import ConfigError  # noqa: E402
 from d2v_jax.data import fairseq_vocab, text_corpus  # noqa: E402
 from d2v_jax.data.text_tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
-
-
-def _config(prog: str, rest: list[str]):
-  cfg = config_lib.parse_argv([prog] + rest, flags.FlagValues()).config
-  validate.validate(cfg)
-  return cfg
 
 
 def _describe(batch: dict) -> str:
@@ -83,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
       print(f"tokenizer: {args.out} ({n} ids = fairseq's dictionary + <mask>; "
             f"--config.data.tokenizer={args.out})")
       return 0
-    cfg = _config(p.prog, rest)
-    data = modality.load(cfg.modality).data
-    data.prepare(cfg, args.workdir)
+    cfg = config_lib.parse_argv([p.prog] + rest, flags.FlagValues()).config
+    data = resolve.resolve(cfg, args.workdir).data   # checked, then the modality's prepare()
     if args.cmd == "prepare":
       print(f"prepared {cfg.modality} data of {cfg.data.path} in {args.workdir} "
             f"({time.time() - t0:.1f} s)")

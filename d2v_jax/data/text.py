@@ -43,7 +43,7 @@ from d2v_jax.data.text_tokenizer import SPECIAL_TOKENS, corpus_encoder, load_tok
 
 _MASK_SALT = 0x7E47     # separates the mask stream from the order stream (same cfg.seed)
 _CONST_BYTES = 256 << 20  # blocks up to this size live in a tf constant; above: memmap
-# Data keys added after runs were written (config.fill_defaults, d2v_jax/validate.py).
+# Data keys added after runs were written (config.fill_defaults, d2v_jax/resolve.py).
 LATE_DEFAULTS = {"data.max_unk_frac": text_corpus.MAX_UNK_FRAC, "data.tfds_data_dir": "",
                  "data.threads": 0}
 
@@ -186,13 +186,20 @@ def build_dataset(cfg: ml_collections.ConfigDict, workdir: str, *, start_step: i
                     process_count=process_count).as_numpy_iterator()
 
 
+def random_ids(rng: np.random.Generator, batch_size: int, length: int, vocab: int) -> np.ndarray:
+  """int32 [batch_size, length] ids drawn between the special tokens and <mask> (the last id),
+  each row framed <s> ... </s>: the content of every made-up text batch (example_batch,
+  synthetic_batch, the GPU benchmark's; numpy only, so the latter runs without TensorFlow)."""
+  ids = rng.integers(len(SPECIAL_TOKENS), vocab - 1, (batch_size, length), dtype=np.int32)
+  ids[:, 0], ids[:, -1] = 0, 2
+  return ids
+
+
 def example_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> dict:
   """Synthetic batch with the real shapes/dtypes (model init, AOT compile); no files."""
   t = cfg.data.block_size
   vocab = cfg.model.vocab_size or cfg.data.vocab_size
-  rng = np.random.default_rng(0)
-  source = rng.integers(len(SPECIAL_TOKENS), vocab - 1, (batch_size, t), dtype=np.int32)
-  source[:, 0], source[:, -1] = 0, 2
+  source = random_ids(np.random.default_rng(0), batch_size, t, vocab)
   mask = np.zeros((batch_size, t), bool)
   mask[:, 1:-1:7] = True
   student = np.where(mask, vocab - 1, source).astype(np.int32)
@@ -206,9 +213,7 @@ def synthetic_batch(cfg: ml_collections.ConfigDict, batch_size: int, seed: int =
   """Random ids with the real masks (span / BERT, or data2vec 2.0's), no files: the benchmark
   problem of the modality (d2v_jax/bench/setups.py)."""
   v, t = int(cfg.model.vocab_size), int(cfg.data.block_size)
-  rng = np.random.default_rng(seed)
-  source = rng.integers(len(SPECIAL_TOKENS), v - 1, (batch_size, t), dtype=np.int32)
-  source[:, 0], source[:, -1] = 0, 2
+  source = random_ids(np.random.default_rng(seed), batch_size, t, v)
   tf_seed = tf.constant([seed, 1], tf.int64)
   if cfg.objective == "v2":
     return {"source": source, **{k: x.numpy() for k, x in masking_v2.random_batch(

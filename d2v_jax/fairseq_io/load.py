@@ -1,7 +1,7 @@
 """init.fairseq: a new run (or `python -m d2v_jax.init --fairseq`) that starts from a fairseq
 data2vec checkpoint, where fairseq stopped: student, EMA teacher, regression head / decoder.
 
-`resolve_config(cfg)` (run by validate through init_weights.resolve_config, before anything is
+`resolve_config(cfg)` (run by resolve through init_weights.resolve_config, before anything is
 built) takes the checkpoint's settings (arch.py). Its architecture keys (ARCH_PREFIXES: shapes,
 norms, positional encoders, what the teacher averages and shares) are fixed: a command-line
 value that contradicts one is a one-line error. The rest (dropouts, targets, loss, EMA
@@ -59,7 +59,7 @@ def resolve_config(cfg) -> None:
   """cfg takes init.fairseq's settings (see the module doc); a no-op without init.fairseq or
   for a config already resolved."""
   path = str(cfg.init.fairseq or "")
-  if not path or getattr(cfg, "_d2v_fairseq_resolved", None) == path or config_lib.is_resolved(cfg):
+  if not path or config_lib.is_resolved(cfg):
     return
   if cfg.init.hf or cfg.init.checkpoint:
     raise ConfigError("init.fairseq and init.hf / init.checkpoint are both set; choose one")
@@ -86,7 +86,6 @@ def resolve_config(cfg) -> None:
       cfg.data.block_size = room
       changed.append(f"data.block_size={room}")
   config_lib.mark_explicit(cfg, fixed)   # the tokenizer / data prepare must not override them
-  object.__setattr__(cfg, "_d2v_fairseq_resolved", path)
   if jax.process_index() == 0:
     print(f"init.fairseq={path} ({layout.name}): {len(changed)} settings from the checkpoint"
           + (f" ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''})" if changed else ""),
