@@ -11,7 +11,7 @@ import pathlib
 import pytest
 from absl import flags
 
-from d2v_jax import compile as C, config as config_lib, fits, validate
+from d2v_jax import compile as C, config as config_lib, fits, resolve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -22,7 +22,7 @@ def _cfg(spec, *args):
   cfg = config_lib.parse_argv(["prog", "--config", spec, *args], flags.FlagValues()).config
   if cfg.modality == "text":
     cfg.model.vocab_size = 50265
-  validate.validate(cfg)
+  resolve.resolve(cfg)
   return cfg
 
 
