@@ -262,15 +262,22 @@ class RunLock:
         pass
 
 
-def take(workdir: str, pid: int, nproc: int, client=None, remove_dir: bool = False) -> RunLock | None:
+def take(workdir: str, pid: int, nproc: int, client=None, remove_dir: bool = False,
+         on_release=lambda release: None) -> RunLock | None:
   """The job's lock of `workdir`: process 0 acquires it (returned); with several processes it
   publishes the outcome under KV_KEY of the coordination service `client`, and the others wait
-  for it (None returned) or raise the same error."""
+  for it (None returned) or raise the same error. `on_release(lock.release)` is called before
+  the lock file exists, so an abort (a second Ctrl-C) during the acquisition releases it too."""
+  def acquire() -> RunLock:
+    lock = RunLock(workdir, processes=nproc, remove_dir=remove_dir)
+    on_release(lock.release)
+    return lock.acquire()
+
   if nproc == 1 or client is None:
-    return RunLock(workdir, processes=nproc, remove_dir=remove_dir).acquire()
+    return acquire()
   if pid == 0:
     try:
-      lock = RunLock(workdir, processes=nproc, remove_dir=remove_dir).acquire()
+      lock = acquire()
     except RunDirError as e:
       client.key_value_set(KV_KEY, f"error {e}", allow_overwrite=True)
       raise

@@ -123,8 +123,8 @@ def _run(cfg, workdir: str, devices, preempted: _Preempted) -> dict:
   # One owner per run directory (d2v_jax/rundir.py): on a pod the job holds it (process 0).
   wd = watchdog.current()
   lock = rundir.take(workdir, pid, nproc, client=wd.client if wd else None,
-                     remove_dir=not existed)
-  preempted.on_abort = lock.release if lock else None
+                     remove_dir=not existed,
+                     on_release=lambda release: setattr(preempted, "on_abort", release))
   try:
     return _run_locked(cfg, workdir, devices, preempted, lock)
   finally:

@@ -43,7 +43,9 @@ def v2_text_model(fs, vocab):
       average_top_k_layers=2, instance_norm_target_layer=True, layerdrop=0, norm_eps=1e-5,
       encoder_dropout=0, post_mlp_drop=0, attention_dropout=0, activation_dropout=0,
       supported_modality=fs.Modality.TEXT, max_update=10, seed=1)
-  cfg.modalities.text = tcfg
+  # a new modalities object: the dataclass default is one instance shared by every config
+  # (fairseq's mutable defaults), and a full-size model built later must not see tcfg
+  cfg.modalities = dataclasses.replace(cfg.modalities, text=tcfg)
 
   class Task:
     source_dictionary = vocab
@@ -72,7 +74,7 @@ def v2_audio_model(fs):
       average_top_k_layers=2, instance_norm_target_layer=True, layerdrop=0, norm_eps=1e-5,
       encoder_dropout=0, post_mlp_drop=0, attention_dropout=0, activation_dropout=0,
       supported_modality=fs.Modality.AUDIO, max_update=10, seed=1)
-  cfg.modalities.audio = acfg
+  cfg.modalities = dataclasses.replace(cfg.modalities, audio=acfg)   # not the shared default
   torch.manual_seed(0)
   model = d2.Data2VecMultiModel.build_model(cfg)
   with torch.no_grad():   # a teacher that differs from the student, ALiBi scales off 1
@@ -99,7 +101,7 @@ def v2_image_model(fs):
       norm_eps=1e-6, encoder_dropout=0, post_mlp_drop=0, attention_dropout=0,
       activation_dropout=0, cls_loss=0.01, supported_modality=fs.Modality.IMAGE, max_update=10,
       seed=1)
-  cfg.modalities.image = icfg
+  cfg.modalities = dataclasses.replace(cfg.modalities, image=icfg)   # not the shared default
   torch.manual_seed(0)
   model = d2.Data2VecMultiModel.build_model(cfg)
   with torch.no_grad():   # a teacher that differs from the student

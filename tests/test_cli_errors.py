@@ -84,7 +84,7 @@ CASES = [
     ("train: unknown config argument", train.main,
      lambda c: ["t", "--config", "configs/text.py:colour=red", "--workdir", c["p"]("w")],
      "error: config 'configs/text.py:colour=red': unknown config argument 'colour'; valid: "
-     "['masking', 'runlocal', 'v2', 'variant']"),
+     "['fit', 'masking', 'runlocal', 'v2', 'variant']"),
     ("train: .py config that is not Python", train.main,
      lambda c: ["t", "--config", c["p"]("bad_config.py"), "--workdir", c["p"]("w")],
      ("error: config file '", "bad_config.py' does not load (SyntaxError: invalid syntax")),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 
 import pytest
@@ -90,12 +91,21 @@ def test_oom_advice_names_the_fit_choice():
   assert "fit=v5e-8" in advice and "remat=full" not in advice
 
 
+# The text row's libtpu compile takes 6-12 minutes on 2 CPU cores (vision: 3-6), more than the
+# suite's budget allows for one test: CI compiles the vision row; D2V_HEAVY_COMPILE=1 adds text.
+HEAVY = os.environ.get("D2V_HEAVY_COMPILE") == "1"
+
+
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.parametrize("modality", ["text", "vision"])
+@pytest.mark.parametrize("modality", [
+    pytest.param("text", marks=pytest.mark.skipif(not HEAVY, reason="set D2V_HEAVY_COMPILE=1 "
+                                                  "(a 6-12 minute libtpu compile)")),
+    "vision"])
 def test_base_v2_fit_compiles_for_v5e_8(modality, capsys):
   """The fit=v5e-8 choice of the base v2 recipe compiles for a TPU v5e-8 and fits its HBM
-  (exit 0), on the mesh and batch the choice names."""
+  (exit 0), on the mesh and batch the choice names (measured: text 729 s, vision 372 s on 2
+  loaded cores)."""
   remat, per_device = fits.FITS[(modality, "base", "v2", "v5e-8")]
   argv = ["compile", "--config", f"configs/{modality}.py:variant=base,v2,fit=v5e-8",
           "--topology", "v5e-8"]
