@@ -76,36 +76,49 @@ def fit_search(cfg, topo, devices, backend, max_trials: int = 4, log=print) -> d
           "report": dataclasses.asdict(seen[lo]) if lo else None}
 
 
-def fit_table(path: str, entries=FIT_ENTRIES, topologies=TABLE_TOPOLOGIES, force_cpu=False,
-              cache_path: str = TABLE_CACHE, max_trials: int = 4) -> None:
-  """fit_search for every (recipe, slice), cached as kind="fit" rows of `cache_path`, then the
-  table between the fit-table markers of `path` and the FITS lines for d2v_jax/fits.py."""
-  done = _cached(cache_path, "fit")
+def _compile_rows(entries, topologies, kind: str, overrides, cache_path: str, force_cpu: bool,
+                  search, failed: dict) -> list[dict]:
+  """The loop both tables share: for every (entry, topology) not yet in `cache_path` (rows of
+  this `kind`), the entry's config with `overrides`, `search(cfg, topo, devices, backend,
+  log)` -> the row's own fields (`failed` when it raises: one broken entry must not lose the
+  others), one row appended to the cache. Returns every row of this kind in entry order."""
+  done = _cached(cache_path, kind)
   for entry in entries:
+    # modality:variant[:key=value,key=value] -- extra overrides for this entry only
     for tname in topologies:
       if (entry, tname) in done:
         continue
-      cfg = _entry_config(entry, FIT_OVERRIDES)
+      cfg = _entry_config(entry, overrides)
       topo = parse_topology(tname)
       devices, backend = target_devices(topo, force_cpu)
       print(f"{entry} on {topo.describe()} [{backend}]", flush=True)
       t0 = time.time()
       try:
-        row = fit_search(cfg, topo, devices, backend, max_trials,
-                         log=lambda s: print(s, flush=True))
+        fields = search(cfg, topo, devices, backend, lambda s: print(s, flush=True))
         error = ""
       except Exception as e:  # noqa: BLE001 - one broken entry must not lose the others
-        row, error = {"report": None}, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        fields, error = dict(failed), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(f"  failed: {error}", flush=True)
-      row = {"kind": "fit", "entry": entry, "topology": tname, "backend": backend,
-             "overrides": list(FIT_OVERRIDES), "search_s": time.time() - t0, "error": error,
-             "recipe_batch": int(cfg.batch_size), **row}
+      row = {**({"kind": kind} if kind != "largest" else {}), "entry": entry, "topology": tname,
+             "backend": backend, "overrides": list(overrides), "search_s": time.time() - t0,
+             "error": error, "recipe_batch": int(cfg.batch_size), **fields}
       done[(entry, tname)] = row
       with open(cache_path, "a") as f:
         f.write(json.dumps(row) + "\n")
       jax.clear_caches()
-  rows = [done[k] for k in sorted(done, key=lambda k: (
+  return [done[k] for k in sorted(done, key=lambda k: (
       entries.index(k[0]) if k[0] in entries else 99, k[1]))]
+
+
+def fit_table(path: str, entries=FIT_ENTRIES, topologies=TABLE_TOPOLOGIES, force_cpu=False,
+              cache_path: str = TABLE_CACHE, max_trials: int = 4) -> None:
+  """fit_search for every (recipe, slice), cached as kind="fit" rows of `cache_path`, then the
+  table between the fit-table markers of `path` and the FITS lines for d2v_jax/fits.py."""
+  rows = _compile_rows(
+      entries, topologies, "fit", FIT_OVERRIDES, cache_path, force_cpu,
+      lambda cfg, topo, devices, backend, log: fit_search(cfg, topo, devices, backend,
+                                                         max_trials, log=log),
+      failed={"report": None})
   _between_markers(path, FIT_BEGIN, FIT_END, render_fit_table(rows))
   print("FITS for d2v_jax/fits.py:\n" + fits_lines(rows))
 
@@ -160,34 +173,15 @@ def table(path: str, entries=TABLE_ENTRIES, topologies=TABLE_TOPOLOGIES,
   between the scale-table markers of `path`. Results are cached in `cache_path` (.jsonl, one
   row per entry and topology) so an interrupted run resumes and another file is rendered
   from the same rows without compiling again."""
-  done = _cached(cache_path, "largest")
-  for entry in entries:
-    # modality:variant[:key=value,key=value] -- extra overrides for this entry only
-    for tname in topologies:
-      if (entry, tname) in done:
-        continue
-      cfg = _entry_config(entry, overrides)
-      topo = parse_topology(tname)
-      devices, backend = target_devices(topo, force_cpu)
-      print(f"{entry} on {topo.describe()} [{backend}]", flush=True)
-      t0 = time.time()
-      try:
-        lo, hi, seen = search_batch(cfg, topo, devices, backend, start, max_trials,
-                                    log=lambda s: print(s, flush=True))
-        error = ""
-      except Exception as e:  # noqa: BLE001 - one broken entry must not lose the others
-        lo, hi, seen, error = 0, None, {}, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        print(f"  failed: {error}", flush=True)
-      best = seen.get(lo)
-      row = {"entry": entry, "topology": tname, "backend": backend, "overrides": list(overrides),
-             "largest_batch": lo, "first_failing": hi, "search_s": time.time() - t0,
-             "error": error, "report": dataclasses.asdict(best) if best else None}
-      done[(entry, tname)] = row
-      with open(cache_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-      jax.clear_caches()
-  write_markdown(path, [done[k] for k in sorted(done, key=lambda k: (
-      entries.index(k[0]) if k[0] in entries else 99, k[1]))])
+  def search(cfg, topo, devices, backend, log) -> dict:
+    lo, hi, seen = search_batch(cfg, topo, devices, backend, start, max_trials, log=log)
+    best = seen.get(lo)
+    return {"largest_batch": lo, "first_failing": hi,
+            "report": dataclasses.asdict(best) if best else None}
+
+  write_markdown(path, _compile_rows(
+      entries, topologies, "largest", overrides, cache_path, force_cpu, search,
+      failed={"largest_batch": 0, "first_failing": None, "report": None}))
 
 
 def bound_of(report: dict, topology: str) -> tuple[float, float, str]:

@@ -307,3 +307,30 @@ def test_aot_compile_of_the_v2_step_for_tpu():
   r = C.compile_step(cfg, C.parse_topology("v5e-4"), devices=devices, backend=backend)
   assert r.fits and r.memory["temp"] > 0
   assert 1.0 <= r.traced_matmul_flops / r.model_flops < 1.05
+
+
+def test_table_loop_caches_rows_and_keeps_a_broken_entry(tmp_path, capsys):
+  """scale_table._compile_rows (both tables' loop): one row per (entry, topology) appended to the
+  cache, an entry whose search raises becomes an error row, a second call compiles nothing."""
+  cache = str(tmp_path / "rows.jsonl")
+  calls = []
+
+  def search(cfg, topo, devices, backend, log):
+    calls.append(cfg.modality)
+    if cfg.modality == "audio":
+      raise ValueError("no room\nsecond line")
+    return {"report": {"batch": cfg.batch_size}}
+
+  args = (("vision:base", "audio:base"), ("v5e-8",), "fit", ("mesh.preset=fsdp",), cache, True)
+  rows = scale_table._compile_rows(*args, search, failed={"report": None})
+  assert calls == ["vision", "audio"]
+  assert [(r["entry"], r["kind"], r["error"], r["report"]) for r in rows] == [
+      ("vision:base", "fit", "", {"batch": 2048}),
+      ("audio:base", "fit", "ValueError: no room", None)]
+  assert rows[0]["overrides"] == ["mesh.preset=fsdp"] and rows[0]["recipe_batch"] == 2048
+  assert len(open(cache).readlines()) == 2 and "  failed: ValueError: no room" in capsys.readouterr().out
+  assert scale_table._compile_rows(*args, search, failed={}) == rows and len(calls) == 2
+  # the other table's rows are another kind: compiled anew, cached without a "kind" key
+  largest = scale_table._compile_rows(*args[:2], "largest", *args[3:], search, failed={})
+  assert len(calls) == 4 and [("kind" in r, r["entry"]) for r in largest] == [
+      (False, "vision:base"), (False, "audio:base")]
